@@ -1,0 +1,96 @@
+"""One Registry class: register callables by name, build them from ``{name: ..., **kwargs}`` dicts."""
+import difflib
+import inspect
+
+from passl.errors import ConfigError
+
+__all__ = ["Registry", "MODELS", "LOSSES", "DATASETS", "LABEL_STORES", "TRANSFORMS",
+           "OPTIMIZERS", "LR_SCHEDULES", "REGISTRIES"]
+
+
+def suggest(name, candidates, n=3):
+    """Return ' Did you mean: a, b?' for the candidates closest to ``name``, or ''."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=n, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+class Registry:
+    """A name -> callable table. ``@REG.register()`` or ``@REG.register("alias")``."""
+
+    def __init__(self, name):
+        self.name = name
+        self._entries = {}
+
+    def __contains__(self, name):
+        return name in self._entries
+
+    def __len__(self):
+        return len(self._entries)
+
+    def names(self):
+        return sorted(self._entries)
+
+    def register(self, name=None):
+        def decorator(obj):
+            key = name or obj.__name__
+            if key in self._entries:
+                raise ConfigError(
+                    f"registry '{self.name}': '{key}' is already registered "
+                    f"(by {_where(self._entries[key])}); pick another name")
+            self._entries[key] = obj
+            return obj
+        if callable(name):  # used as @REG.register without parentheses
+            obj, name = name, None
+            return decorator(obj)
+        return decorator
+
+    def get(self, name):
+        if name not in self._entries:
+            listed = ", ".join(self.names()) or "(nothing registered)"
+            raise ConfigError(
+                f"registry '{self.name}' has no entry '{name}'.{suggest(name, self._entries)} "
+                f"Registered: {listed}")
+        return self._entries[name]
+
+    def signature(self, name):
+        """The parameters a config dict for ``name`` may set: {param: inspect.Parameter}."""
+        obj = self.get(name)
+        target = obj.__init__ if inspect.isclass(obj) else obj
+        params = dict(inspect.signature(target).parameters)
+        params.pop("self", None)
+        return params
+
+    def build(self, cfg, **extra):
+        """Build ``cfg['name']`` with the other keys (and ``extra``) as keyword arguments."""
+        if not isinstance(cfg, dict) or "name" not in cfg:
+            raise ConfigError(f"registry '{self.name}': expected a dict with a 'name' key, got {cfg!r}")
+        kwargs = {k: v for k, v in cfg.items() if k != "name"}
+        kwargs.update(extra)
+        name = cfg["name"]
+        obj = self.get(name)
+        params = self.signature(name)
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        unknown = [k for k in kwargs if k not in params] if not takes_any else []
+        if unknown:
+            valid = [p for p, v in params.items()
+                     if v.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+            raise ConfigError(
+                f"{self.name} '{name}' got unexpected argument(s) {', '.join(unknown)}."
+                f"{suggest(unknown[0], valid)} Valid: {', '.join(valid)}")
+        return obj(**kwargs)
+
+
+def _where(obj):
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
+
+
+MODELS = Registry("models")
+LOSSES = Registry("losses")
+DATASETS = Registry("datasets")
+LABEL_STORES = Registry("label_stores")
+TRANSFORMS = Registry("transforms")
+OPTIMIZERS = Registry("optimizers")
+LR_SCHEDULES = Registry("lr_schedules")
+
+REGISTRIES = {r.name: r for r in (MODELS, LOSSES, DATASETS, LABEL_STORES, TRANSFORMS,
+                                   OPTIMIZERS, LR_SCHEDULES)}

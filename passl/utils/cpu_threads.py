@@ -1,0 +1,34 @@
+"""CPU math-library settings that must be in the environment before paddle is imported.
+
+Paddle's CPU build runs matrix products on one thread unless OMP_NUM_THREADS says otherwise, and
+its bundled MKL takes a slow code path on AMD processors unless MKL_DEBUG_CPU_TYPE=5. Values the
+user already set are kept.
+"""
+import os
+import sys
+
+
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def configure_cpu_threads(environ=None):
+    """Fill in OMP_NUM_THREADS and MKL_DEBUG_CPU_TYPE unless set. Returns what it set.
+
+    Has no effect on the math libraries if paddle is already imported; call it first.
+    """
+    environ = os.environ if environ is None else environ
+    wanted = {"OMP_NUM_THREADS": str(available_cores()), "MKL_DEBUG_CPU_TYPE": "5"}
+    applied = {}
+    for key, value in wanted.items():
+        if key not in environ:
+            environ[key] = value
+            applied[key] = value
+    return applied
+
+
+def paddle_already_imported():
+    return "paddle" in sys.modules

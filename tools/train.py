@@ -1,0 +1,49 @@
+"""Train or evaluate an LV-ViT model from a YAML config.
+
+    python tools/train.py -c configs/lvvit/lvvit_tiny.yaml [-o key=value]...
+    python tools/train.py -c configs/lvvit/lvvit_tiny.yaml --load W.pdparams --evaluate-only
+    python -m paddle.distributed.launch --gpus 0,1,2,3,4,5,6,7 tools/train.py -c ...
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+from passl.utils.cpu_threads import configure_cpu_threads  # noqa: E402
+
+configure_cpu_threads()
+
+from passl.utils import cli  # noqa: E402
+
+
+def build_parser():
+    p = cli.add_config_args(cli.parser(__doc__.splitlines()[0]))
+    p.add_argument("--load", metavar="WEIGHTS", help="start from these model weights (.pdparams)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                   help="continue a run exactly; without a path, the latest checkpoint in output_dir")
+    p.add_argument("--evaluate-only", action="store_true", help="evaluate --load on the validation set and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from passl.config import load_config, to_yaml
+    from passl.errors import ConfigError
+
+    cfg = load_config(args.config, args.override)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    if args.evaluate_only and not args.load:
+        raise ConfigError("--evaluate-only needs --load WEIGHTS (a .pdparams file or a checkpoint)")
+    if args.evaluate_only and args.resume:
+        raise ConfigError("--evaluate-only and --resume do not go together; use --load WEIGHTS")
+    from passl.engine.trainer import Trainer
+    trainer = Trainer(cfg)
+    if args.evaluate_only:
+        return trainer.evaluate_only(args.load)
+    return trainer.train(load=args.load, resume=args.resume)
+
+
+if __name__ == "__main__":
+    cli.run(main)
