@@ -77,6 +77,12 @@ class Registry:
             raise ConfigError(
                 f"{self.name} '{name}' got unexpected argument(s) {', '.join(unknown)}."
                 f"{suggest(unknown[0], valid)} Valid: {', '.join(valid)}")
+        missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty
+                   and v.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                   and p not in kwargs]
+        if missing:
+            raise ConfigError(f"{self.name} '{name}' needs argument(s) {', '.join(missing)}; "
+                              "add them to its config section")
         return obj(**kwargs)
 
 

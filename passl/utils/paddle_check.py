@@ -1,19 +1,45 @@
-"""Fail early, with the fix, when Paddle is missing or too old."""
+"""Import Paddle once, quietly, and fail early with the fix when it is missing or too old."""
+import contextlib
+import io
+import sys
+import warnings
+
 from passl.errors import PasslError
 
 MIN_PADDLE = (3, 0)
+# Paddle prints these at import; the first is advice for data-parallel CPU jobs that does not apply
+# to us (we set OMP_NUM_THREADS on purpose), the second concerns compiling custom C++ operators.
+_IMPORT_NOISE = ("OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
+
+
+class _FilteredStream(io.TextIOBase):
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        if any(noise in text for noise in _IMPORT_NOISE):
+            return len(text)
+        return self._stream.write(text)
+
+    def flush(self):
+        self._stream.flush()
 
 
 def check_paddle():
-    try:
-        import paddle
-    except ImportError:
-        raise PasslError(
-            "PaddlePaddle is not installed. Install it first: `pip install paddlepaddle` for the CPU, "
-            "or paddlepaddle-gpu as https://www.paddlepaddle.org.cn/install shows for your CUDA.") from None
+    """Import paddle (without its import-time noise) and check the version; return the version."""
+    if "paddle" not in sys.modules:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stderr(_FilteredStream(sys.stderr)):
+                warnings.filterwarnings("ignore", message="No ccache found")
+                import paddle  # noqa: F401
+        except ImportError:
+            raise PasslError(
+                "PaddlePaddle is not installed. Install it first: `pip install paddlepaddle` for the CPU, "
+                "or paddlepaddle-gpu as https://www.paddlepaddle.org.cn/install shows for your CUDA.") from None
+    import paddle
     version = paddle.__version__
-    parts = version.split(".")
-    if version not in ("0.0.0",) and tuple(int(p) for p in parts[:2] if p.isdigit()) < MIN_PADDLE:
+    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if version != "0.0.0" and major_minor < MIN_PADDLE:  # 0.0.0: a develop build
         raise PasslError(f"PaddlePaddle {version} is too old; this toolkit needs >= "
                          f"{'.'.join(map(str, MIN_PADDLE))}. Upgrade it with pip.")
     return version
