@@ -142,6 +142,7 @@ _SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("_codecs", "encode"): __import__("codecs").encode,  # how protocol 2 spells bytes
     ("numpy", "dtype"): np.dtype, ("numpy", "ndarray"): np.ndarray,
 }
 

@@ -116,3 +116,13 @@ def test_torch_reads_our_file_if_installed(tmp_path):
     got = torch.load(path, weights_only=True)
     assert got["a"].dtype == torch.float16 and got["a"].numpy().tolist() == arr.tolist()
     assert got["n"][0].tolist() == [0, 1, 2]
+
+
+def test_numpy_objects_in_metadata(tmp_path):
+    """Training scripts store numpy scalars (e.g. the best metric) next to the weights."""
+    path = tmp_path / "meta.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"metric": np.float64(83.3), "arr": np.arange(3),
+                                                      "raw": b"\x00\x01"}, protocol=2))
+    got = load_pth(path)
+    assert got["metric"] == 83.3 and got["arr"].tolist() == [0, 1, 2] and got["raw"] == b"\x00\x01"
