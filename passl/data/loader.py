@@ -1,0 +1,151 @@
+"""Data loading across processes: a resumable distributed batch sampler and a seeded DataLoader.
+
+Every process sees the same permutation of the dataset (seeded by ``seed`` and the epoch), padded
+by repeating its head to a multiple of the world size and dealt out round-robin: rank r takes
+positions r, r + W, r + 2W, ... So with the same global batch, the ranks' batches together hold
+exactly what one process's batch would, and evaluation can drop the padding by position.
+
+Randomness inside a sample's transforms is reseeded per sample from ``(seed, epoch, position)``
+(Python's ``random`` and NumPy's global generator), so augmentation does not depend on which
+worker or rank draws the sample, and resuming in the middle of an epoch repeats it exactly.
+Workers are additionally seeded from ``(seed, epoch, rank, worker_id)`` for anything else.
+"""
+import random
+
+import numpy as np
+import paddle
+
+__all__ = ["ResumableDistributedBatchSampler", "SeededItems", "WorkerSeeder", "Loader", "build_loader",
+           "sample_seed"]
+
+
+def sample_seed(seed, epoch, position):
+    """A 32-bit seed for the sample at ``position`` of epoch ``epoch``'s padded order."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class ResumableDistributedBatchSampler(paddle.io.BatchSampler):
+    """Yields this rank's batches as lists of ``(dataset_index, sample_seed)`` keys.
+
+    ``set_epoch(epoch, start_batch)`` picks the epoch (the shuffle and the seeds depend on it) and
+    skips the first ``start_batch`` batches, which is how a run resumes mid-epoch.
+    """
+
+    def __init__(self, num_samples, batch_size, num_replicas=1, rank=0, shuffle=False, drop_last=False, seed=0):
+        if num_samples <= 0:
+            raise ValueError("the dataset is empty")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_replicas, self.rank = num_replicas, rank
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.epoch, self.start_batch = 0, 0
+        self.per_rank = -(-num_samples // num_replicas)   # ceil: every rank gets the same count
+        self.total = self.per_rank * num_replicas
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def order(self):
+        """The padded global order for this epoch: [total] dataset indices."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        pad = self.total - self.num_samples
+        return np.concatenate([order, np.resize(order, pad)]) if pad else order
+
+    def _positions(self, batch_index):
+        """Global positions (into ``order()``) of this rank's batch ``batch_index``."""
+        local = np.arange(batch_index * self.batch_size, min((batch_index + 1) * self.batch_size, self.per_rank))
+        return local * self.num_replicas + self.rank
+
+    def valid_mask(self, batch_index):
+        """[b] bool: False where batch ``batch_index`` holds padding (a repeated sample)."""
+        return self._positions(batch_index) < self.num_samples
+
+    def __len__(self):
+        """Batches per epoch on this rank (including any skipped by ``start_batch``)."""
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return -(-self.per_rank // self.batch_size)
+
+    def __iter__(self):
+        order = self.order()
+        for b in range(self.start_batch, len(self)):
+            positions = self._positions(b)
+            yield [(int(order[p]), sample_seed(self.seed, self.epoch, int(p))) for p in positions]
+
+
+class SeededItems(paddle.io.Dataset):
+    """Wraps a map-style dataset: item ``(index, seed)`` reseeds ``random`` and NumPy, then loads."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        random.seed(seed)
+        np.random.seed(seed)
+        return self.dataset[index]
+
+
+class WorkerSeeder:
+    """``worker_init_fn`` giving worker w of rank r in epoch e the seed f(seed, e, r, w)."""
+
+    def __init__(self, seed, rank):
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def seed_for(self, worker_id):
+        return int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker_id, 1]).generate_state(1)[0])
+
+    def __call__(self, worker_id):
+        s = self.seed_for(worker_id)
+        random.seed(s)
+        np.random.seed(s)
+
+
+class Loader:
+    """A DataLoader over one split with a resumable distributed sampler.
+
+    Iterating yields the collated batch as a dict of tensors. Call ``set_epoch(epoch, start_batch)``
+    before each pass.
+    """
+
+    def __init__(self, dataset, batch_size, collate_fn, num_workers=0, shuffle=False, drop_last=False,
+                 seed=0, rank=0, world_size=1):
+        self.dataset = dataset
+        self.sampler = ResumableDistributedBatchSampler(len(dataset), batch_size, world_size, rank,
+                                                        shuffle=shuffle, drop_last=drop_last, seed=seed)
+        self.seeder = WorkerSeeder(seed, rank)
+        self.loader = paddle.io.DataLoader(SeededItems(dataset), batch_sampler=self.sampler,
+                                           collate_fn=collate_fn, num_workers=num_workers,
+                                           worker_init_fn=self.seeder if num_workers else None,
+                                           return_list=True)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.sampler.set_epoch(epoch, start_batch)
+        self.seeder.epoch = epoch   # workers are started by iter(), after this
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        """Batches as {name: tensor} on Paddle's current device."""
+        on_gpu = "gpu" in paddle.device.get_device()
+        for batch in self.loader:
+            if on_gpu:
+                batch = {k: (v.cuda() if isinstance(v, paddle.Tensor) and not v.place.is_gpu_place() else v)
+                         for k, v in batch.items()}
+            yield batch
+
+
+def build_loader(dataset, split_cfg, collate_fn, train, seed=0, rank=0, world_size=1):
+    """A ``Loader`` for ``dataset`` from a ``data.<split>`` config section.
+
+    Training shuffles and drops the last incomplete batch; evaluation keeps order and everything.
+    ``split_cfg['batch_size']`` and ``num_workers`` are per process.
+    """
+    return Loader(dataset, split_cfg["batch_size"], collate_fn, num_workers=split_cfg.get("num_workers", 0),
+                  shuffle=train, drop_last=train, seed=seed, rank=rank, world_size=world_size)

@@ -1,0 +1,61 @@
+"""Top-1/top-5 accuracy over a whole validation set, exact whatever the number of processes.
+
+Each process counts hits over its share, masking the sampler's padding (repeated samples that
+make the shares equal), and the integer counts are summed across processes. Integer sums do not
+depend on the order of addition, so 1, 2 or N processes report the same numbers.
+"""
+import paddle
+import paddle.distributed as dist
+
+__all__ = ["topk_hits", "evaluate", "all_reduce_sum"]
+
+
+def topk_hits(logits, labels, valid=None):
+    """Hit counts for one batch.
+
+    logits: [B, C]; labels: [B] int64; valid: [B] bool or None (all valid).
+    Returns a [3] int64 tensor: (top-1 hits, top-5 hits, valid samples); top-5 means top-min(5, C).
+    """
+    k = min(5, logits.shape[-1])
+    top = paddle.topk(logits.astype("float32"), k=k, axis=-1)[1]
+    hit = top == labels.reshape([-1, 1]).astype(top.dtype)
+    valid = paddle.ones([logits.shape[0]], dtype="bool") if valid is None else valid
+    hit1 = paddle.logical_and(hit[:, 0], valid)
+    hit5 = paddle.logical_and(hit.any(axis=-1), valid)
+    return paddle.stack([hit1.astype("int64").sum(), hit5.astype("int64").sum(), valid.astype("int64").sum()])
+
+
+def all_reduce_sum(tensor):
+    """Sum ``tensor`` over processes (no-op with one process)."""
+    if dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@paddle.no_grad()
+def evaluate(model, loader, autocast=None, progress=None):
+    """Evaluate ``model`` (returns [B, C] logits in eval mode) on ``loader`` (a passl Loader).
+
+    Returns {'top1': %, 'top5': %, 'num_samples': int}, identical on every process.
+    ``autocast`` is a callable returning a context manager (AMP), ``progress`` a bar or None.
+    """
+    was_training = model.training
+    model.eval()
+    loader.set_epoch(0)
+    counts = paddle.zeros([3], dtype="int64")
+    for b, batch in enumerate(loader):
+        images = batch["image"]
+        valid = paddle.to_tensor(loader.sampler.valid_mask(b))
+        if autocast is not None:
+            with autocast():
+                logits = model(images)
+        else:
+            logits = model(images)
+        counts = counts + topk_hits(logits, batch["label"], valid)
+        if progress is not None:
+            progress.update(1)
+    counts = all_reduce_sum(counts).numpy()
+    if was_training:
+        model.train()
+    n = int(counts[2])
+    return {"top1": 100.0 * counts[0] / max(n, 1), "top5": 100.0 * counts[1] / max(n, 1), "num_samples": n}

@@ -1,0 +1,158 @@
+"""Optimizer and learning-rate schedules.
+
+Parameter groups: no weight decay on 1-D parameters (norm scales, biases) and on what the model's
+``no_weight_decay()`` names. The configured lr is for ``reference_batch`` images per optimizer step
+and is scaled linearly to the actual global batch. Schedules are pure functions of the global step,
+so resuming needs no scheduler state.
+"""
+import math
+
+import paddle
+
+from passl.errors import ConfigError
+from passl.registry import LR_SCHEDULES, OPTIMIZERS
+
+__all__ = ["split_decay_groups", "scale_lr", "build_optimizer", "AdamW", "WarmupCosine", "Constant",
+           "build_lr_schedule"]
+
+
+def split_decay_groups(model, no_weight_decay=None):
+    """Split the trainable parameters of ``model`` into two lists of structured names.
+
+    Returns ``(decay, no_decay)``: ``no_decay`` holds every 1-D parameter (LayerNorm/BN scales and
+    every bias), every name ending in ``bias``, and the names in ``no_weight_decay`` (default: the
+    model's own ``no_weight_decay()`` if it has one), matched exactly or as a ``name.`` prefix.
+    """
+    if no_weight_decay is None:
+        no_weight_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    skip = set(no_weight_decay)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.stop_gradient:
+            continue
+        named = name in skip or any(name.startswith(s + ".") for s in skip)
+        if param.ndim <= 1 or name.endswith("bias") or named:
+            no_decay.append(name)
+        else:
+            decay.append(name)
+    return decay, no_decay
+
+
+def scale_lr(lr, reference_batch, global_batch):
+    """``lr`` was tuned for ``reference_batch`` images per step; scale it to ``global_batch``.
+
+    ``reference_batch`` 0 means no scaling.
+    """
+    if reference_batch == 0:
+        return lr
+    if reference_batch < 0 or global_batch <= 0:
+        raise ConfigError(f"optimizer.reference_batch must be >= 0 (got {reference_batch}) and the "
+                          f"global batch positive (got {global_batch})")
+    return lr * global_batch / reference_batch
+
+
+@OPTIMIZERS.register()
+def AdamW(parameters=None, apply_decay_param_fun=None, grad_clip=None, multi_precision=False,
+          lr: float = 1.6e-3, reference_batch: int = 1024, beta1: float = 0.9, beta2: float = 0.999,
+          epsilon: float = 1e-8, weight_decay: float = 0.05):
+    """Paddle AdamW with decoupled weight decay.
+
+    Config keys: ``lr`` (for ``reference_batch`` images per optimizer step; the trainer passes the
+    already-scaled lr here), ``reference_batch`` (0 = do not scale), ``beta1``, ``beta2``,
+    ``epsilon``, ``weight_decay``. The other arguments are filled in by ``build_optimizer``.
+    """
+    return paddle.optimizer.AdamW(learning_rate=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
+                                  parameters=parameters, weight_decay=weight_decay,
+                                  apply_decay_param_fun=apply_decay_param_fun, grad_clip=grad_clip,
+                                  multi_precision=multi_precision)
+
+
+def build_optimizer(opt_cfg, model, global_batch, grad_clip=None, multi_precision=False, log=print):
+    """Build the ``optimizer:`` section for ``model``; returns ``(optimizer, base_lr)``.
+
+    ``base_lr`` is the configured lr scaled from ``reference_batch`` to ``global_batch`` (images per
+    optimizer step over all processes, accumulation included). ``grad_clip`` is a max global norm.
+    """
+    decay, no_decay = split_decay_groups(model)
+    by_name = dict(model.named_parameters())
+    decay_ids = {by_name[n].name for n in decay}  # Paddle asks by the parameter's internal name
+    cfg = dict(opt_cfg)
+    base_lr = scale_lr(cfg.get("lr", 1.6e-3), cfg.get("reference_batch", 1024), global_batch)
+    if log:
+        log(f"lr {cfg.get('lr', 1.6e-3):.4g} for a batch of {cfg.get('reference_batch', 1024)} -> "
+            f"{base_lr:.4g} for the global batch of {global_batch}; weight decay on {len(decay)} tensors, "
+            f"none on {len(no_decay)}")
+    cfg["lr"] = base_lr
+    clip = paddle.nn.ClipGradByGlobalNorm(grad_clip) if grad_clip else None
+    params = [by_name[n] for n in decay + no_decay]
+    optimizer = OPTIMIZERS.build(cfg, parameters=params, apply_decay_param_fun=lambda n: n in decay_ids,
+                                 grad_clip=clip, multi_precision=multi_precision)
+    return optimizer, base_lr
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules: callables step -> lr, built with base_lr, epochs and steps_per_epoch
+
+class _Schedule:
+    def __init__(self):
+        self.base_lr = self.epochs = self.steps_per_epoch = None
+
+    def bind(self, base_lr, epochs, steps_per_epoch):
+        """Attach the run's scaled lr, total epochs and optimizer steps per epoch."""
+        if steps_per_epoch <= 0:
+            raise ConfigError("the training set gives no full batch per epoch; lower data.train.batch_size "
+                              "or train.accum_steps")
+        self.base_lr, self.epochs, self.steps_per_epoch = base_lr, epochs, steps_per_epoch
+        return self
+
+    def _time(self, step):
+        t = step / self.steps_per_epoch
+        return t if self.per_iteration else math.floor(t)
+
+
+@LR_SCHEDULES.register()
+class WarmupCosine(_Schedule):
+    """Linear warm-up from ``warmup_lr``, cosine to ``min_lr``, then ``cooldown_epochs`` at ``min_lr``.
+
+    Time is measured in epochs (fractional when ``per_iteration``; whole epochs otherwise, as the
+    reference updates once per epoch). ``epochs`` counts the cool-down, so the cosine ends at
+    ``epochs - cooldown_epochs``. As in timm, the cosine runs from epoch 0 and warm-up overrides its
+    start, unless ``warmup_prefix`` makes the cosine begin where the warm-up ends.
+    """
+
+    def __init__(self, warmup_epochs: float = 5.0, warmup_lr: float = 1e-6, min_lr: float = 1e-5,
+                 cooldown_epochs: float = 10.0, per_iteration: bool = True, warmup_prefix: bool = False):
+        super().__init__()
+        self.warmup_epochs, self.warmup_lr, self.min_lr = warmup_epochs, warmup_lr, min_lr
+        self.cooldown_epochs, self.per_iteration, self.warmup_prefix = cooldown_epochs, per_iteration, warmup_prefix
+
+    def __call__(self, step):
+        """The lr for optimizer step ``step`` (0-based, counted over the whole run)."""
+        t = self._time(step)
+        if t < self.warmup_epochs:
+            return self.warmup_lr + (self.base_lr - self.warmup_lr) * t / self.warmup_epochs
+        start = self.warmup_epochs if self.warmup_prefix else 0.0
+        span = self.epochs - self.cooldown_epochs - start
+        if span <= 0 or t >= start + span:
+            return self.min_lr
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * (t - start) / span))
+
+
+@LR_SCHEDULES.register()
+class Constant(_Schedule):
+    """The base lr throughout, after an optional linear warm-up from ``warmup_lr`` (fine-tuning)."""
+
+    def __init__(self, warmup_epochs: float = 0.0, warmup_lr: float = 1e-6, per_iteration: bool = True):
+        super().__init__()
+        self.warmup_epochs, self.warmup_lr, self.per_iteration = warmup_epochs, warmup_lr, per_iteration
+
+    def __call__(self, step):
+        t = self._time(step)
+        if t < self.warmup_epochs:
+            return self.warmup_lr + (self.base_lr - self.warmup_lr) * t / self.warmup_epochs
+        return self.base_lr
+
+
+def build_lr_schedule(sched_cfg, base_lr, epochs, steps_per_epoch):
+    """Build the ``lr_schedule:`` section; returns a callable ``global_step -> lr``."""
+    return LR_SCHEDULES.build(sched_cfg).bind(base_lr, epochs, steps_per_epoch)
