@@ -88,6 +88,8 @@ DEFAULTS = {
         "log_interval": 50,
         "eval_interval": 1,            # epochs
         "keep_last": 3,                # epoch checkpoints kept besides latest/best
+        "load": Optional(str),         # initial weights when --load is not given (fine-tuning)
+        "reinit_head": False,          # loading weights for other classes: re-initialise head, aux_head
     },
 }
 
