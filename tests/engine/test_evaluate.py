@@ -1,0 +1,23 @@
+"""Top-k hit counting with padding masks."""
+import paddle
+
+from passl.engine.evaluate import topk_hits
+
+
+def test_topk_hits_counts_and_mask():
+    logits = paddle.to_tensor([
+        [0.0, 9.0, 1.0, 2.0, 3.0, 4.0, 5.0],    # top1 = 1
+        [9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0],    # label 6 is last: not in top-5
+        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.5],    # label 2 is 5th: top-5 hit only
+        [0.0, 9.0, 1.0, 2.0, 3.0, 4.0, 5.0],    # padding (masked): would be a hit
+    ])
+    labels = paddle.to_tensor([1, 6, 2, 1], dtype="int64")
+    valid = paddle.to_tensor([True, True, True, False])
+    assert topk_hits(logits, labels, valid).numpy().tolist() == [1, 2, 3]
+    assert topk_hits(logits, labels).numpy().tolist() == [2, 3, 4]
+
+
+def test_topk_with_fewer_than_five_classes():
+    logits = paddle.to_tensor([[0.0, 1.0, 2.0], [3.0, 2.0, 1.0]])
+    labels = paddle.to_tensor([0, 0], dtype="int64")
+    assert topk_hits(logits, labels).numpy().tolist() == [1, 2, 2]
