@@ -1,0 +1,260 @@
+"""Image datasets with dense label maps: the index of images, decoding, and the per-sample pipeline.
+
+A DATASETS entry (e.g. ``ImageFolder``) is an *image source*: ``samples`` [(relpath, class)],
+``classes``, ``image_path(i)`` and ``load(i, max_reduction)``. :func:`build_dataset` wraps it with a
+label store, the transforms and the target builder into a :class:`TokenLabelDataset` whose items are
+dicts of numpy arrays (workers never create paddle tensors):
+
+    image  float32 [3, H, W]    label  int64 []    bad_image_index  int64 [] (-1: none)
+    train only: target_classes [U], token_probs [N, U], token_bg [N], cls_probs [U], cls_bg []
+
+Randomness comes from one numpy Generator per item, seeded from numpy's global generator, which
+``passl.data.loader`` reseeds per sample from (seed, epoch, position).
+"""
+import math
+import os
+
+import numpy as np
+import paddle
+from PIL import Image
+
+from passl.data.label_maps import coverage_region, label_key
+from passl.data.targets import build_token_targets, fallback_targets
+from passl.data.transforms import Sample
+from passl.errors import ConfigError, DataError
+from passl.registry import DATASETS, LABEL_STORES, TRANSFORMS
+
+__all__ = ["IMG_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolder", "TokenLabelDataset", "build_dataset",
+           "read_class_names"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+_MAX_SKIPS = 50
+
+
+class BadImageError(DataError):
+    """An image file that cannot be decoded (skippable with ``skip_bad_images: true``)."""
+
+
+def read_class_names(spec):
+    """Class list from a file (one class per line: '<dir> [readable name]') or a YAML list.
+    Returns (dirs, readable_names)."""
+    if isinstance(spec, (list, tuple)):
+        lines = [str(s) for s in spec]
+    else:
+        if not os.path.isfile(spec):
+            raise DataError(f"class-name file not found: {spec}")
+        with open(spec, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    dirs, names = [], []
+    for line in lines:
+        head, _, rest = line.replace("\t", " ").replace(",", " ", 1).partition(" ")
+        dirs.append(head)
+        names.append(rest.strip() or head)
+    if len(set(dirs)) != len(dirs):
+        raise DataError(f"class names {spec if isinstance(spec, str) else ''}: a class is listed twice")
+    return dirs, names
+
+
+class ImageSource:
+    """Base of DATASETS entries. Subclasses set ``root``, ``samples``, ``classes`` (and ``class_names``)."""
+
+    root = ""
+    samples = ()
+    classes = ()
+    draft = True
+
+    def __len__(self):
+        return len(self.samples)
+
+    def image_path(self, index):
+        return os.path.join(self.root, self.samples[index][0])
+
+    def load(self, index, max_reduction=None):
+        """Decode image ``index`` as RGB. ``max_reduction(size) -> float`` says how far a JPEG may be
+        shrunk while decoding (draft mode, factors 2/4/8). Returns (PIL image, original (w, h), factor)."""
+        path = self.image_path(index)
+        try:
+            with Image.open(path) as img:
+                size = img.size
+                factor = 1
+                limit = max_reduction(size) if max_reduction is not None else 1
+                if self.draft and img.format == "JPEG" and limit >= 2:
+                    wanted = 2 ** min(3, int(math.floor(math.log2(limit))))
+                    img.draft("RGB", (-(-size[0] // wanted), -(-size[1] // wanted)))
+                    factor = 2 ** int(round(math.log2(size[0] / img.size[0])))
+                img.load()
+                image = img if img.mode == "RGB" else img.convert("RGB")
+        except Exception as e:  # noqa: BLE001 (any decoder failure means a bad file)
+            raise BadImageError(f"cannot decode image {path}: {type(e).__name__}: {e}. Replace or remove the "
+                                "file, or set data.<split>.skip_bad_images: true to skip such images") from None
+        return image, size, factor
+
+
+@DATASETS.register()
+class ImageFolder(ImageSource):
+    """ImageNet layout: ``root/<class_dir>/<image>``; classes are the sorted folder names, or the
+    order of ``class_names`` (a file with one '<dir> [readable name]' per line, or a list).
+
+    draft: let JPEG decoding shrink large images by 2/4/8 where the crop still gets enough pixels.
+    """
+
+    def __init__(self, root: str, class_names=None, extensions: list = IMG_EXTENSIONS, draft: bool = True):
+        if not os.path.isdir(root):
+            raise DataError(f"dataset folder not found: {root} (expected root/<class_dir>/<image>)")
+        self.root, self.draft = root, draft
+        exts = tuple(e.lower() for e in extensions)
+        found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if class_names is not None:
+            self.classes, self.class_names = read_class_names(class_names)
+            extra = sorted(set(found) - set(self.classes))
+            if extra:
+                raise DataError(f"{root}: folder(s) {', '.join(extra[:5])} are not in class_names "
+                                f"({len(self.classes)} classes); add them or remove the folders")
+        else:
+            self.classes, self.class_names = found, list(found)
+        index = {name: i for i, name in enumerate(self.classes)}
+        samples = []
+        for name in found:
+            files = sorted(e.name for e in os.scandir(os.path.join(root, name))
+                           if e.is_file() and e.name.lower().endswith(exts))
+            samples.extend((f"{name}/{f}", index[name]) for f in files)
+        if not samples:
+            raise DataError(f"no images ({', '.join(exts)}) found in {root}/<class_dir>/")
+        self.samples = samples
+
+
+class TokenLabelDataset(paddle.io.Dataset):
+    """Items of ``source`` through ``transforms``, with compact token targets when ``targets``.
+
+    label_store: a LABEL_STORES object or None (then targets are one-hot). Every map is checked
+    once here (missing / wrong shape -> DataError naming the image and the path looked up).
+    skip_bad_images: an undecodable image is replaced by the next decodable one (deterministic)
+    and listed in ``bad_images``; otherwise it raises DataError naming the file.
+    """
+
+    def __init__(self, source, transforms, label_store=None, num_classes=1000, grid_size=(14, 14),
+                 targets=True, skip_bad_images=False, progress=None):
+        self.source, self.transforms, self.label_store = source, list(transforms), label_store
+        self.num_classes, self.grid_size = int(num_classes), tuple(int(g) for g in grid_size)
+        self.targets, self.skip_bad_images = targets, skip_bad_images
+        self.bad_images = []
+        labels = [label for _, label in source.samples]
+        if labels and max(labels) >= self.num_classes:
+            raise ConfigError(f"{source.root}: {len(source.classes)} classes but the model has "
+                              f"num_classes={self.num_classes}; set model.num_classes: {len(source.classes)}")
+        self.keys = [label_key(rel) for rel, _ in source.samples]
+        self.has_map = np.zeros(len(self.keys), bool)
+        if label_store is not None:
+            self._check_label_maps(progress)
+
+    def _check_label_maps(self, progress):
+        items = range(len(self.keys))
+        if progress or (progress is None and len(self.keys) > 20000):
+            from tqdm import tqdm
+            items = tqdm(items, desc="check label maps", unit="img", mininterval=1.0)
+        for i in items:
+            self.has_map[i] = self.label_store.check(self.keys[i], image=self.source.image_path(i))
+        self.missing_maps = int((~self.has_map).sum())
+
+    def __len__(self):
+        return len(self.source)
+
+    def record_bad_images(self, indices):
+        """Add the images of ``indices`` (a batch's ``bad_image_index``, -1 ignored) to ``bad_images``;
+        the trainer calls this in the main process, since workers only report indices."""
+        for i in np.asarray(indices).reshape(-1):
+            path = self.source.image_path(int(i)) if i >= 0 else None
+            if path is not None and path not in self.bad_images:
+                self.bad_images.append(path)
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng(np.random.randint(0, 2 ** 31, size=2))
+        bad = -1
+        for attempt in range(len(self) if self.skip_bad_images else 1):
+            current = (index + attempt) % len(self)
+            try:
+                item = self.load_item(current, rng)
+            except BadImageError:
+                if not self.skip_bad_images:
+                    raise
+                self.record_bad_images([current])
+                bad = current if bad < 0 else bad
+                if attempt + 1 >= _MAX_SKIPS:
+                    raise DataError(f"{_MAX_SKIPS} undecodable images in a row from {self.source.image_path(index)} "
+                                    "on; is the dataset folder intact?") from None
+                continue
+            item["bad_image_index"] = np.asarray(bad, np.int64)
+            return item
+        raise DataError(f"no decodable image in {self.source.root}")
+
+    def load_item(self, index, rng):
+        """Run one sample through decode, transforms and targets (no skipping)."""
+        label = self.source.samples[index][1]
+        label_map = self.load_label_map(index) if self.has_map[index] else None
+        sample = self.decode(index, label_map, rng)
+        for transform in self.transforms:
+            sample = transform(sample, rng)
+        image = sample.image
+        if not isinstance(image, np.ndarray):   # no Normalize in the list: plain [0, 1] floats
+            image = np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0
+        item = {"image": np.ascontiguousarray(image, dtype=np.float32), "label": np.asarray(label, np.int64)}
+        if self.targets:
+            tokens = self.grid_size[0] * self.grid_size[1]
+            if sample.label_map is None:
+                item.update(fallback_targets(label, tokens))
+            else:
+                item.update(build_token_targets(sample.label_map, sample.view, sample.map_region,
+                                                self.grid_size, self.num_classes))
+        return item
+
+    def load_label_map(self, index):
+        """float32 [2, K, h, w] of image ``index``; DataError naming the file for bad class indices."""
+        key = self.keys[index]
+        label_map = self.label_store.load(key)
+        classes, scores = label_map[1], label_map[0]
+        if not (np.isfinite(scores).all() and np.isfinite(classes).all()
+                and classes.min() >= 0 and classes.max() < self.num_classes
+                and np.all(classes == np.rint(classes))):
+            raise DataError(f"label map {self.label_store.path(key)} (image {self.source.image_path(index)}) holds "
+                            f"non-finite values or class indices outside 0..{self.num_classes - 1}; "
+                            "is it a map for this dataset and num_classes?")
+        return label_map.copy()
+
+    def decode(self, index, label_map, rng):
+        """Plan the transforms on the image size, decode (shrinking JPEGs where allowed) -> Sample."""
+        holder = {}
+
+        def max_reduction(size):
+            holder["sample"] = sample = Sample(size=size)
+            return min([t.plan(sample, rng) for t in self.transforms] + [math.inf])
+
+        image, size, factor = self.source.load(index, max_reduction)
+        sample = holder.get("sample") or Sample(size=size)
+        sample.image = image
+        # a draft-decoded pixel covers factor x factor original pixels
+        sample.view = (0.0, 0.0, float(image.size[0] * factor), float(image.size[1] * factor))
+        if label_map is not None:
+            sample.label_map = label_map
+            sample.map_region = coverage_region(self.label_store.coverage, *size)
+        return sample
+
+
+def build_dataset(split_cfg, split, num_classes, grid_size):
+    """The dataset of one split from its validated config section (``cfg['data'][split]``).
+
+    split_cfg keys: dataset {name, ...} (DATASETS), label_store null | {name, ...} (LABEL_STORES),
+    transforms [{name, ...}] (TRANSFORMS), skip_bad_images; batch_size / num_workers are the loader's.
+    split: 'train' (items carry compact token targets) or 'val'.
+    grid_size: (rows, cols) of the model's token grid (img_size // 16 per side).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not split_cfg.get("dataset"):
+        raise ConfigError(f"data.{split}.dataset is not set; e.g. dataset: {{name: ImageFolder, root: path/to/{split}}}")
+    source = DATASETS.build(split_cfg["dataset"])
+    store = LABEL_STORES.build(split_cfg["label_store"]) if split_cfg.get("label_store") else None
+    transforms = [TRANSFORMS.build(t) for t in split_cfg.get("transforms") or []]
+    if isinstance(grid_size, int):
+        grid_size = (grid_size, grid_size)
+    return TokenLabelDataset(source, transforms, store, num_classes, grid_size, targets=(split == "train"),
+                             skip_bad_images=bool(split_cfg.get("skip_bad_images", False)))

@@ -1,0 +1,299 @@
+"""Label stores: where the dense [2, K, H, W] label map of each training image comes from.
+
+A label map (SPEC 4) holds, per map cell, an annotator's top-K scores (``map[0]``, logits) and their
+class indices stored as floats (``map[1]``). Every store is keyed by the image's path relative to the
+dataset root *without its extension* (``n01440764/n01440764_10026``), and knows its *coverage*:
+
+- ``center_square``: the map covers the centred square of side min(W, H) (the published maps);
+- ``full``: the map covers the whole image (maps made by this project's own generator).
+
+Stores (registered in LABEL_STORES):
+
+- ``npy``:    ``root/<class_dir>/<stem>.npy`` per image, float16 or float32 (the Paddle community release)
+- ``pth``:    ``root/<class_dir>/<stem>.pth`` per image (the PyTorch release), read without torch
+- ``packed``: ``root/labels.npy`` [M, 2, K, H, W] memory-mapped + ``root/index.json`` (keys, coverage),
+  written by :func:`pack_label_maps` (``tools/pack_labels.py``), so a run opens one file, not 1.28 M.
+"""
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from passl.errors import DataError
+from passl.registry import LABEL_STORES
+
+__all__ = ["COVERAGES", "LabelStore", "NpyLabelStore", "PthLabelStore", "PackedLabelStore", "label_key",
+           "coverage_region", "list_label_keys", "pack_label_maps", "write_npy_tree", "PACKED_FORMAT"]
+
+COVERAGES = ("center_square", "full")
+PACKED_FORMAT = "passl-packed-label-maps"
+PACKED_DATA, PACKED_INDEX = "labels.npy", "index.json"
+
+
+def label_key(relpath):
+    """'n01/x.JPEG' -> 'n01/x': the store key of an image (posix separators, no extension)."""
+    return os.path.splitext(relpath.replace(os.sep, "/"))[0]
+
+
+def coverage_region(coverage, width, height):
+    """(x0, y0, x1, y1) in image pixels of the part of a ``width`` x ``height`` image a map covers."""
+    if coverage == "full":
+        return (0.0, 0.0, float(width), float(height))
+    if coverage == "center_square":
+        side = float(min(width, height))
+        x0, y0 = (width - side) / 2.0, (height - side) / 2.0
+        return (x0, y0, x0 + side, y0 + side)
+    raise DataError(f"unknown label-map coverage '{coverage}'; use one of {', '.join(COVERAGES)}")
+
+
+def _check_coverage(coverage, where):
+    if coverage not in COVERAGES:
+        raise DataError(f"{where}: coverage must be one of {', '.join(COVERAGES)}, got {coverage!r}")
+
+
+class LabelStore:
+    """Base class. Subclasses implement ``path(key)``, ``_shape(key)`` (cheap) and ``_read(key)``.
+
+    ``allow_missing``: images without a map train with their one-hot label instead of failing the build.
+    ``map_shape``: expected [K, H, W]; when null, the first map checked sets it for the rest.
+    """
+
+    suffix = ""
+
+    def __init__(self, root, coverage="center_square", allow_missing=False, map_shape=None):
+        self.root = root
+        self.coverage = coverage
+        self.allow_missing = allow_missing
+        self.map_shape = tuple(map_shape) if map_shape is not None else None
+        if coverage is not None:
+            _check_coverage(coverage, f"label store at {root}")
+
+    def path(self, key):
+        return os.path.join(self.root, key + self.suffix)
+
+    def __contains__(self, key):
+        return os.path.isfile(self.path(key))
+
+    def keys(self):
+        """Every key this store holds (sorted)."""
+        return list_label_keys(self.root, self.suffix)
+
+    def check(self, key, image=None):
+        """Raise DataError unless the map of ``key`` exists and has shape [2, *map_shape].
+        Returns False when it is missing and ``allow_missing`` is set, else True."""
+        if key not in self:
+            if self.allow_missing:
+                return False
+            raise DataError(f"no label map for image {image or key}: looked for {self.path(key)}. "
+                            "Point label_store.root at the label-map folder, or set "
+                            "label_store.allow_missing: true to train such images on their image label")
+        self._check_shape(self._shape(key), key, image)
+        return True
+
+    def _check_shape(self, shape, key, image=None):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 4 or shape[0] != 2 or min(shape) < 1:
+            raise DataError(f"label map {self.path(key)} (for image {image or key}) has shape {shape}; "
+                            "expected [2, K, H, W] (scores and class indices of the top-K classes per cell)")
+        if self.map_shape is None:
+            self.map_shape = shape[1:]
+        elif shape[1:] != self.map_shape:
+            raise DataError(f"label map {self.path(key)} (for image {image or key}) has shape {shape}; "
+                            f"expected [2, {', '.join(map(str, self.map_shape))}] like the other maps")
+
+    def load(self, key, dtype=np.float32):
+        """The map of ``key`` as [2, K, H, W] ``dtype`` (None: as stored, float16 stays float16);
+        DataError naming the file if it cannot be read."""
+        try:
+            array = self._read(key)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 (any decoder failure is a bad file)
+            raise DataError(f"cannot read label map {self.path(key)}: {type(e).__name__}: {e}") from None
+        array = np.asarray(array)
+        if array.ndim != 4 or array.shape[0] != 2:
+            raise DataError(f"label map {self.path(key)} has shape {tuple(array.shape)}; expected [2, K, H, W]")
+        if not np.issubdtype(array.dtype, np.floating):
+            raise DataError(f"label map {self.path(key)} holds {array.dtype}; expected float16 or float32")
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def _npy_header(path):
+    """(shape, dtype) from a .npy header without reading the data."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return shape, dtype
+
+
+@LABEL_STORES.register("npy")
+class NpyLabelStore(LabelStore):
+    """Per-image ``root/<class_dir>/<stem>.npy`` files holding [2, K, H, W] float16/float32."""
+
+    suffix = ".npy"
+
+    def __init__(self, root: str, coverage: str = "center_square", allow_missing: bool = False,
+                 map_shape: list = None):
+        super().__init__(root, coverage, allow_missing, map_shape)
+
+    def _shape(self, key):
+        try:
+            return _npy_header(self.path(key))[0]
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"label map {self.path(key)} is not a readable .npy file: {e}") from None
+
+    def _read(self, key):
+        return np.load(self.path(key), allow_pickle=False)
+
+
+@LABEL_STORES.register("pth")
+class PthLabelStore(LabelStore):
+    """Per-image ``root/<class_dir>/<stem>.pth`` files of the PyTorch release (read without torch).
+
+    The build-time check parses every file (a few KB each); for ImageNet-scale runs convert the tree
+    once with ``tools/convert_labels.py`` to ``npy`` or ``packed``.
+    """
+
+    suffix = ".pth"
+
+    def __init__(self, root: str, coverage: str = "center_square", allow_missing: bool = False,
+                 map_shape: list = None):
+        super().__init__(root, coverage, allow_missing, map_shape)
+
+    def _shape(self, key):
+        return self.load(key).shape
+
+    def _read(self, key):
+        from passl.utils.pth_io import load_pth
+        obj = load_pth(self.path(key))
+        if isinstance(obj, dict) and len(obj) == 1:   # tolerate {"label": tensor}
+            obj = next(iter(obj.values()))
+        if not isinstance(obj, np.ndarray):
+            raise DataError(f"label map {self.path(key)} holds a {type(obj).__name__}, expected one tensor")
+        return obj
+
+
+@LABEL_STORES.register("packed")
+class PackedLabelStore(LabelStore):
+    """``root/labels.npy`` [M, 2, K, H, W] (memory-mapped) + ``root/index.json`` {keys, coverage}.
+
+    ``coverage`` null takes the coverage recorded in the index; stating a different one is an error.
+    """
+
+    def __init__(self, root: str, coverage: str = None, allow_missing: bool = False, map_shape: list = None):
+        index_path = os.path.join(root, PACKED_INDEX)
+        if not os.path.isfile(index_path):
+            raise DataError(f"packed label store {root}: {index_path} not found; write it with "
+                            "tools/pack_labels.py (or tools/convert_labels.py --to packed)")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            assert index.get("format") == PACKED_FORMAT
+        except Exception:  # noqa: BLE001
+            raise DataError(f"{index_path} is not a packed label-map index written by tools/pack_labels.py") from None
+        recorded = index["coverage"]
+        if coverage is not None and coverage != recorded:
+            raise DataError(f"label_store.coverage is '{coverage}' but {index_path} records '{recorded}'; "
+                            "remove the key or fix the index")
+        super().__init__(root, recorded, allow_missing, map_shape)
+        self._rows = {k: i for i, k in enumerate(index["keys"])}
+        self._data_path = os.path.join(root, PACKED_DATA)
+        self._stored_shape = tuple(index["shape"])
+        self._array = None   # opened lazily, so each worker process maps the file itself
+
+    def path(self, key):
+        return f"{self._data_path}[{key}]"
+
+    def __contains__(self, key):
+        return key in self._rows
+
+    def keys(self):
+        return sorted(self._rows)
+
+    def _shape(self, key):
+        return self._stored_shape
+
+    def _read(self, key):
+        if self._array is None:
+            self._array = np.load(self._data_path, mmap_mode="r")
+        return np.array(self._array[self._rows[key]])
+
+
+def list_label_keys(root, suffix):
+    """Sorted store keys ('<class_dir>/<stem>') of every ``suffix`` file below ``root``."""
+    if not os.path.isdir(root):
+        raise DataError(f"label-map folder not found: {root}")
+    keys = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        rel = os.path.relpath(directory, root)
+        for name in files:
+            if name.endswith(suffix) and not name.startswith("."):
+                keys.append(label_key(os.path.normpath(os.path.join(rel, name))))
+    return sorted(keys)
+
+
+def _progress(iterable, total, desc):
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit="map", dynamic_ncols=True, mininterval=1.0)
+
+
+def pack_label_maps(store, out_dir, keys=None, dtype=None, progress=True):
+    """Write every map of ``store`` (or of ``keys``) into ``out_dir/labels.npy`` + ``index.json``.
+
+    ``dtype`` None keeps the dtype of the first map (float16 for the published sets). Both files are written under temporary names and renamed into place, the index last, so a
+    crash never leaves a store that looks complete. Returns (number of maps, shape of one map).
+    """
+    keys = sorted(store.keys() if keys is None else keys)
+    if not keys:
+        raise DataError(f"no label maps found in {store.root}")
+    os.makedirs(out_dir, exist_ok=True)
+    first = store.load(keys[0], dtype=None)
+    shape = tuple(first.shape)
+    dtype = first.dtype if dtype is None else dtype
+    fd, tmp_data = tempfile.mkstemp(dir=out_dir, prefix=".labels.", suffix=".npy.tmp")
+    os.close(fd)
+    tmp_index = None
+    try:
+        out = np.lib.format.open_memmap(tmp_data, mode="w+", dtype=np.dtype(dtype), shape=(len(keys),) + shape)
+        rows = enumerate(keys)
+        for row, key in (_progress(rows, len(keys), "pack") if progress else rows):
+            array = first if row == 0 else store.load(key, dtype=None)
+            if tuple(array.shape) != shape:
+                raise DataError(f"label map {store.path(key)} has shape {tuple(array.shape)}, "
+                                f"the first one ({store.path(keys[0])}) has {shape}; all maps must match")
+            out[row] = array
+        out.flush()
+        del out
+        fd, tmp_index = tempfile.mkstemp(dir=out_dir, prefix=".index.", suffix=".json.tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"format": PACKED_FORMAT, "version": 1, "coverage": store.coverage, "shape": list(shape),
+                       "dtype": np.dtype(dtype).name, "keys": keys}, f)
+        os.replace(tmp_data, os.path.join(out_dir, PACKED_DATA))
+        os.replace(tmp_index, os.path.join(out_dir, PACKED_INDEX))
+    finally:
+        for tmp in (tmp_data, tmp_index):
+            if tmp and os.path.exists(tmp):
+                os.remove(tmp)
+    return len(keys), shape
+
+
+def write_npy_tree(store, out_dir, keys=None, progress=True):
+    """Write every map of ``store`` as ``out_dir/<key>.npy`` keeping its stored dtype (float16 stays
+    float16). Each file is written to a temporary name and renamed. Returns the number written."""
+    keys = sorted(store.keys() if keys is None else keys)
+    it = _progress(keys, len(keys), "npy") if progress else keys
+    for key in it:
+        array = store.load(key, dtype=None)
+        if array.dtype not in (np.float16, np.float32):
+            array = array.astype(np.float32)
+        target = os.path.join(out_dir, key + ".npy")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp{os.getpid()}.npy"
+        np.save(tmp, array)
+        os.replace(tmp, target)
+    return len(keys)

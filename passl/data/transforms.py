@@ -1,0 +1,327 @@
+"""Label-aware transforms: the image and its dense label map move together.
+
+A :class:`Sample` carries the image, its label map and two boxes in the *reference frame* (the
+original image's pixel coordinates, x right, y down, pixel i spanning [i, i+1)):
+
+- ``map_region``: the part of the reference frame the label map covers (set by the store's coverage);
+- ``view``: the part of the reference frame the current image shows (starts as the whole image,
+  becomes the crop box after RandomResizedCrop).
+
+Flip reflects both about the view's centre line and flips the map array. Geometric RandAugment ops
+resample the small map array in place (nearest, scores 0 outside). Crops only change ``view``:
+the target builder (targets.py) pools the map over ``view``, so no map is ever resized to image size.
+
+Every transform is ``t(sample, rng) -> sample`` with ``rng`` a numpy Generator, takes ``enable``
+(false turns it off from YAML), and may pre-plan its randomness before the image is decoded
+(``plan``) to tell the decoder how far JPEG draft decoding may shrink the image.
+"""
+import math
+
+import numpy as np
+from PIL import Image
+
+from passl.errors import ConfigError
+from passl.registry import TRANSFORMS
+
+__all__ = ["Sample", "Transform", "RandomHorizontalFlip", "RandomResizedCrop", "ResizeShorter", "CenterCrop",
+           "Normalize", "RandomErasing", "warp_label_map", "pil_interpolation", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                   "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+_RANDOM_INTERPOLATION = (Image.BILINEAR, Image.BICUBIC)
+
+
+def pil_interpolation(name, rng):
+    """PIL resampling filter for ``name``; 'random' picks bilinear or bicubic with ``rng``."""
+    if name == "random":
+        return _RANDOM_INTERPOLATION[int(rng.integers(2))]
+    return _INTERPOLATIONS[name]
+
+
+def _check_interpolation(name, where):
+    if name != "random" and name not in _INTERPOLATIONS:
+        raise ConfigError(f"{where}.interpolation: '{name}' is not one of random, {', '.join(_INTERPOLATIONS)}")
+
+
+class Sample:
+    """One image on its way through the transforms.
+
+    image:      PIL RGB image, later float32 [3, H, W] (after Normalize)
+    label_map:  float32 [2, K, h, w] or None (scores, class indices; class -1 marks an empty entry)
+    map_region: (x0, y0, x1, y1) reference-frame box the map covers
+    view:       (x0, y0, x1, y1) reference-frame box the image shows
+    size:       (width, height) of the original image (the reference frame)
+    plans:      per-transform random parameters drawn before decoding
+    """
+
+    def __init__(self, image=None, label_map=None, map_region=None, size=None):
+        self.image = image
+        self.label_map = label_map
+        self.size = size if size is not None else image.size
+        self.view = (0.0, 0.0, float(self.size[0]), float(self.size[1]))
+        self.map_region = map_region if map_region is not None else self.view
+        self.plans = {}
+
+    def image_size(self):
+        """(width, height) of the current image in pixels."""
+        if isinstance(self.image, np.ndarray):
+            return self.image.shape[2], self.image.shape[1]
+        return self.image.size
+
+    def view_from_pixels(self, box):
+        """Reference-frame box of a pixel box (x0, y0, x1, y1) of the current image."""
+        width, height = self.image_size()
+        vx0, vy0, vx1, vy1 = self.view
+        sx, sy = (vx1 - vx0) / width, (vy1 - vy0) / height
+        return (vx0 + box[0] * sx, vy0 + box[1] * sy, vx0 + box[2] * sx, vy0 + box[3] * sy)
+
+    def pixels_from_view(self, box):
+        """Pixel box of the current image for a reference-frame box."""
+        width, height = self.image_size()
+        vx0, vy0, vx1, vy1 = self.view
+        sx, sy = width / (vx1 - vx0), height / (vy1 - vy0)
+        return ((box[0] - vx0) * sx, (box[1] - vy0) * sy, (box[2] - vx0) * sx, (box[3] - vy0) * sy)
+
+
+class Transform:
+    """Base class: ``enable`` switches the transform off; subclasses implement ``apply``."""
+
+    def __init__(self, enable=True):
+        self.enable = enable
+
+    def plan(self, sample, rng):
+        """Draw parameters that depend only on ``sample.size`` before the image is decoded.
+        Returns the largest factor by which the decoder may shrink the image (inf: any)."""
+        return math.inf
+
+    def __call__(self, sample, rng):
+        return self.apply(sample, rng) if self.enable else sample
+
+    def apply(self, sample, rng):
+        raise NotImplementedError
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def warp_label_map(sample, inverse):
+    """Resample ``sample.label_map`` after the image went through a PIL affine transform.
+
+    inverse: (a, b, c, d, e, f) mapping an output pixel point (x, y) to the input point
+    (a x + b y + c, d x + e y + f), in the image's continuous pixel coordinates (PIL's convention).
+    Each map cell takes the cell under the inverse image of its centre (nearest); cells whose
+    source lies outside the map get scores 0 and class -1. The map keeps its ``map_region``.
+    """
+    if sample.label_map is None:
+        return
+    _, _, mh, mw = sample.label_map.shape
+    rx0, ry0, rx1, ry1 = sample.map_region
+    width, height = sample.image_size()
+    vx0, vy0, vx1, vy1 = sample.view
+    # cell centres: reference frame -> image pixels
+    ref_x = rx0 + (np.arange(mw) + 0.5) * (rx1 - rx0) / mw
+    ref_y = ry0 + (np.arange(mh) + 0.5) * (ry1 - ry0) / mh
+    px = (ref_x[None, :] - vx0) * width / (vx1 - vx0)
+    py = (ref_y[:, None] - vy0) * height / (vy1 - vy0)
+    a, b, c, d, e, f = inverse
+    src_x = a * px + b * py + c
+    src_y = d * px + e * py + f
+    # image pixels -> reference frame -> map cells
+    col = np.floor(((vx0 + src_x * (vx1 - vx0) / width) - rx0) * mw / (rx1 - rx0)).astype(np.int64)
+    row = np.floor(((vy0 + src_y * (vy1 - vy0) / height) - ry0) * mh / (ry1 - ry0)).astype(np.int64)
+    inside = (col >= 0) & (col < mw) & (row >= 0) & (row < mh)
+    out = sample.label_map[:, :, np.clip(row, 0, mh - 1), np.clip(col, 0, mw - 1)]
+    out[0][:, ~inside] = 0.0
+    out[1][:, ~inside] = -1.0
+    sample.label_map = out
+
+
+@TRANSFORMS.register()
+class RandomHorizontalFlip(Transform):
+    """Flip image and label map together with probability ``prob``."""
+
+    def __init__(self, prob: float = 0.5, enable: bool = True):
+        super().__init__(enable)
+        self.prob = prob
+
+    def apply(self, sample, rng):
+        if rng.random() >= self.prob:
+            return sample
+        if isinstance(sample.image, np.ndarray):
+            sample.image = np.ascontiguousarray(sample.image[:, :, ::-1])
+        else:
+            sample.image = sample.image.transpose(Image.FLIP_LEFT_RIGHT)
+        if sample.label_map is not None:
+            axis = sample.view[0] + sample.view[2]   # x -> axis - x reflects about the view's centre
+            rx0, ry0, rx1, ry1 = sample.map_region
+            sample.map_region = (axis - rx1, ry0, axis - rx0, ry1)
+            sample.label_map = np.ascontiguousarray(sample.label_map[:, :, :, ::-1])
+        return sample
+
+
+def _sample_crop(width, height, scale, ratio, rng):
+    """(x0, y0, w, h) of a random crop of ``scale`` x area and aspect ``ratio`` (as torchvision / timm)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height   # fallback: the whole image, clamped to the ratio range
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@TRANSFORMS.register()
+class RandomResizedCrop(Transform):
+    """Crop a random box (``scale`` of the area, aspect in ``ratio``) and resize it to ``size``.
+
+    The box is drawn on the original image size before decoding (so the decoder may shrink the
+    image while the box still has ``size`` pixels) and becomes the sample's ``view``.
+    interpolation: 'random' (bilinear or bicubic), or a PIL filter name.
+    """
+
+    def __init__(self, size: int = 224, scale: list = (0.08, 1.0), ratio: list = (3 / 4, 4 / 3),
+                 interpolation: str = "random", enable: bool = True):
+        super().__init__(enable)
+        _check_interpolation(interpolation, "RandomResizedCrop")
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.interpolation = interpolation
+
+    def plan(self, sample, rng):
+        if not self.enable:
+            return math.inf
+        x, y, w, h = _sample_crop(sample.size[0], sample.size[1], self.scale, self.ratio, rng)
+        sample.plans[id(self)] = (x, y, x + w, y + h)
+        return min(w, h) / self.size
+
+    def apply(self, sample, rng):
+        box = sample.plans.pop(id(self), None)
+        if box is None:   # not planned (image given directly): draw on the current image
+            width, height = sample.image_size()
+            x, y, w, h = _sample_crop(width, height, self.scale, self.ratio, rng)
+            box = sample.view_from_pixels((x, y, x + w, y + h))
+        resample = pil_interpolation(self.interpolation, rng)
+        pixel_box = sample.pixels_from_view(box)
+        sample.image = sample.image.resize((self.size, self.size), resample, box=pixel_box)
+        sample.view = box
+        return sample
+
+
+@TRANSFORMS.register()
+class ResizeShorter(Transform):
+    """Evaluation resize: the shorter side becomes int(size / crop_pct) (follow with CenterCrop(size))."""
+
+    def __init__(self, size: int = 224, crop_pct: float = 0.9, interpolation: str = "bicubic",
+                 enable: bool = True):
+        super().__init__(enable)
+        _check_interpolation(interpolation, "ResizeShorter")
+        self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
+
+    def target_short_side(self):
+        return int(self.size / self.crop_pct)
+
+    def plan(self, sample, rng):
+        return min(sample.size) / self.target_short_side() if self.enable else math.inf
+
+    def apply(self, sample, rng):
+        width, height = sample.image_size()
+        short = self.target_short_side()
+        if width <= height:
+            new = (short, int(short * height / width))
+        else:
+            new = (int(short * width / height), short)
+        sample.image = sample.image.resize(new, pil_interpolation(self.interpolation, rng))
+        return sample   # the view is unchanged: the same region, more or fewer pixels
+
+
+@TRANSFORMS.register()
+class CenterCrop(Transform):
+    """Crop the central ``size`` x ``size`` pixels (torchvision's rounding)."""
+
+    def __init__(self, size: int = 224, enable: bool = True):
+        super().__init__(enable)
+        self.size = size
+
+    def apply(self, sample, rng):
+        width, height = sample.image_size()
+        left, top = int(round((width - self.size) / 2.0)), int(round((height - self.size) / 2.0))
+        box = (left, top, left + self.size, top + self.size)
+        view = sample.view_from_pixels(box)
+        sample.image = sample.image.crop(box)
+        sample.view = view
+        return sample
+
+
+@TRANSFORMS.register()
+class Normalize(Transform):
+    """PIL RGB -> float32 [3, H, W]: (pixel / 255 - mean) / std."""
+
+    def __init__(self, mean: list = IMAGENET_MEAN, std: list = IMAGENET_STD, enable: bool = True):
+        super().__init__(enable)
+        self.mean, self.std = tuple(mean), tuple(std)
+        # one 256-entry table per channel: a gather is ~4x faster than float arithmetic on the image
+        levels = np.arange(256, dtype=np.float64)[None, :]
+        self._table = ((levels / 255.0 - np.array(mean)[:, None]) / np.array(std)[:, None]).astype(np.float32)
+
+    def apply(self, sample, rng):
+        pixels = np.asarray(sample.image)                             # uint8 [H, W, 3]
+        out = np.empty((3,) + pixels.shape[:2], np.float32)
+        for channel in range(3):
+            np.take(self._table[channel], pixels[:, :, channel], out=out[channel])
+        sample.image = out
+        return sample
+
+
+@TRANSFORMS.register()
+class RandomErasing(Transform):
+    """Erase one random box of the normalised image (image only), as timm's RandomErasing.
+
+    mode: 'pixel' (per-pixel normal noise), 'rand' (one normal colour per channel) or 'const' (zeros).
+    """
+
+    def __init__(self, prob: float = 0.25, mode: str = "pixel", max_count: int = 1, min_area: float = 0.02,
+                 max_area: float = 1 / 3, min_aspect: float = 0.3, enable: bool = True):
+        super().__init__(enable)
+        if mode not in ("pixel", "rand", "const"):
+            raise ConfigError(f"RandomErasing.mode: '{mode}' is not one of pixel, rand, const")
+        self.prob, self.mode, self.max_count = prob, mode, max_count
+        self.min_area, self.max_area, self.min_aspect = min_area, max_area, min_aspect
+
+    def apply(self, sample, rng):
+        image = sample.image
+        if not isinstance(image, np.ndarray):
+            raise ConfigError("RandomErasing works on the normalised image; put it after Normalize")
+        if rng.random() >= self.prob:
+            return sample
+        channels, height, width = image.shape
+        log_aspect = (math.log(self.min_aspect), math.log(1 / self.min_aspect))
+        count = 1 if self.max_count == 1 else int(rng.integers(1, self.max_count + 1))
+        for _ in range(count):
+            for _ in range(10):
+                target = rng.uniform(self.min_area, self.max_area) * height * width / count
+                aspect = math.exp(rng.uniform(*log_aspect))
+                h = int(round(math.sqrt(target * aspect)))
+                w = int(round(math.sqrt(target / aspect)))
+                if w < width and h < height:
+                    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+                    if self.mode == "pixel":
+                        fill = rng.standard_normal((channels, h, w), dtype=np.float32)
+                    elif self.mode == "rand":
+                        fill = rng.standard_normal((channels, 1, 1), dtype=np.float32)
+                    else:
+                        fill = 0.0
+                    image[:, top:top + h, left:left + w] = fill
+                    break
+        return sample
