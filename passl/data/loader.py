@@ -134,7 +134,14 @@ class Loader:
     def __iter__(self):
         """Batches as {name: tensor} on Paddle's current device."""
         on_gpu = "gpu" in paddle.device.get_device()
+        record = getattr(self.dataset, "record_bad_images", None)
         for batch in self.loader:
+            bad = batch.pop("bad_image_index", None)
+            if bad is not None and record is not None:
+                # workers cannot update the main process's dataset: report stand-ins here
+                bad = bad.numpy() if isinstance(bad, paddle.Tensor) else np.asarray(bad)
+                if (bad >= 0).any():
+                    record(bad)
             if on_gpu:
                 batch = {k: (v.cuda() if isinstance(v, paddle.Tensor) and not v.place.is_gpu_place() else v)
                          for k, v in batch.items()}

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import paddle
 import paddle.distributed as dist
+from paddle.base import unique_name
 
 from passl.data.loader import build_loader
 from passl.engine.amp import resolve_amp
@@ -62,6 +63,8 @@ class Trainer:
             _init_distributed()
         self.stop_requested = False
         self.model = self.ema = None
+        self._optimizer_names = unique_name.UniqueNameGenerator()
+        self.datasets = {}
 
     # -----------------------------------------------------------------------------------------
     # public entry points
@@ -345,11 +348,14 @@ class Trainer:
     def _optimizer_step(self, step):
         lr = self.schedule(step)
         self.optimizer.set_lr(lr)
-        if self.amp.scaler is not None:
-            self.amp.scaler.step(self.optimizer)
-            self.amp.scaler.update()
-        else:
-            self.optimizer.step()
+        # Paddle names optimizer state "<param>_moment1_<n>" with a process-wide counter n; a private
+        # name generator keeps n = 0, so a checkpoint restores into any process
+        with unique_name.guard(self._optimizer_names):
+            if self.amp.scaler is not None:
+                self.amp.scaler.step(self.optimizer)
+                self.amp.scaler.update()
+            else:
+                self.optimizer.step()
         self.optimizer.clear_grad()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -390,7 +396,7 @@ class Trainer:
         lr = self.schedule(step - 1)
         total = self.cfg["epochs"] * self.steps_per_epoch
         per_step = seconds / steps
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+        terms = "  ".join(f"{k} {means[k]:.4f}" for k in sorted(means, key=lambda k: (k != "loss", k)))
         line = (f"epoch {epoch + 1}/{self.cfg['epochs']} step {batch_index // self.cfg['train']['accum_steps']}/"
                 f"{self.steps_per_epoch} (global {step})  lr {lr:.3e}  {terms}  "
                 f"{self.global_batch * steps / max(seconds, 1e-9):.1f} samples/s  data wait "

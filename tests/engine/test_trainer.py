@@ -1,0 +1,132 @@
+"""The Trainer on a tiny LV-ViT and synthetic images: exact resume, NaN stop, Ctrl-C, evaluate-only,
+output-dir checks. Expected weights come from an uninterrupted run, never from the code under test."""
+import json
+import os
+import signal
+
+import numpy as np
+import paddle
+import pytest
+from conftest import tiny_config
+
+from passl.config import load_config
+from passl.engine import trainer as trainer_module
+from passl.engine.checkpoint import load_file
+from passl.engine.trainer import Trainer
+from passl.errors import CheckpointError, PasslError
+
+
+def _run(cfg_path, **train_kwargs):
+    trainer = Trainer(load_config(cfg_path))
+    return trainer, trainer.train(**train_kwargs)
+
+
+def _assert_same_state(a, b):
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            np.testing.assert_array_equal(a[part][key].numpy(), b[part][key].numpy(), err_msg=f"{part}.{key}")
+    for key in a["optimizer"]:
+        value = a["optimizer"][key]
+        if isinstance(value, paddle.Tensor):
+            np.testing.assert_array_equal(value.numpy(), b["optimizer"][key].numpy(), err_msg=key)
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+
+
+@pytest.mark.parametrize("stop_at_step", [3, 4], ids=["epoch_boundary", "mid_epoch"])
+def test_resume_is_exact(tmp_path, image_data, monkeypatch, stop_at_step):
+    """2 epochs straight == stop (SIGINT) at a step, resume from latest, finish: identical weights."""
+    train_root, val_root = image_data
+    straight_dir, split_dir = tmp_path / "a", tmp_path / "b"
+    straight_dir.mkdir()
+    split_dir.mkdir()
+    _, code = _run(tiny_config(straight_dir, train_root, val_root))
+    assert code == 0
+    expected = load_file(str(straight_dir / "out" / "latest.pdckpt"))
+
+    original = Trainer._optimizer_step
+
+    def step_then_interrupt(self, step):
+        original(self, step)
+        if self.progress["global_step"] == stop_at_step:
+            os.kill(os.getpid(), signal.SIGINT)       # a real Ctrl-C, handled at the step boundary
+
+    cfg_path = tiny_config(split_dir, train_root, val_root)
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_optimizer_step", step_then_interrupt)
+        _, code = _run(cfg_path)
+    assert code == 130
+    stopped = load_file(str(split_dir / "out" / "latest.pdckpt"))
+    assert stopped["global_step"] == stop_at_step
+    assert (stopped["epoch"], stopped["batch"]) == ((1, 0) if stop_at_step == 3 else (1, 1))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # handlers restored
+    _, code = _run(cfg_path, resume="auto")
+    assert code == 0
+    _assert_same_state(expected, load_file(str(split_dir / "out" / "latest.pdckpt")))
+    lines = [json.loads(x) for x in (split_dir / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert {"train_loss", "val_top1", "val_top5", "ema_top1", "ema_top5", "lr", "wall_time"} <= lines[-1].keys()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_data, monkeypatch, capsys):
+    train_root, val_root = image_data
+    original_setup = Trainer._setup
+
+    def setup_with_nan(self, load, resume):
+        original_setup(self, load, resume)
+        real, calls = self.loss_fn, [0]
+
+        def loss_fn(outputs, batch):
+            out = real(outputs, batch)
+            calls[0] += 1
+            if calls[0] == 5:                       # global step 4: epoch 2, second batch
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        self.loss_fn = loss_fn
+
+    monkeypatch.setattr(Trainer, "_setup", setup_with_nan)
+    out = tmp_path / "out"
+    _, code = _run(tiny_config(tmp_path, train_root, val_root, epochs=3))
+    assert code == 1
+    assert "NaN or infinite at global step 4" in capsys.readouterr().out
+    assert sorted(p for p in os.listdir(out) if p.endswith(".pdckpt")) == ["best.pdckpt", "epoch_0001.pdckpt",
+                                                                           "latest.pdckpt"]
+    latest = load_file(str(out / "latest.pdckpt"))
+    assert latest["epoch"] == 1 and latest["global_step"] == 3
+    assert all(np.isfinite(v.numpy()).all() for v in latest["model"].values())
+
+
+def test_evaluate_only_needs_only_validation_data(tmp_path, image_data, capsys):
+    train_root, val_root = image_data
+    _, code = _run(tiny_config(tmp_path, train_root, val_root, epochs=1))
+    assert code == 0
+    weights = str(tmp_path / "out" / "best.pdckpt")
+    cfg = load_config(tiny_config(tmp_path, str(tmp_path / "no_such_train_dir"), val_root,
+                                  output_dir=str(tmp_path / "eval")))
+    assert Trainer(cfg).evaluate_only(weights) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["num_samples"] == 9 and result["weights"] == os.path.abspath(weights)
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("eval ")]
+    assert len(lines) == 1 and f"top1 {result['top1']:.3f}" in lines[0]
+
+
+def test_unwritable_output_dir_and_full_disk_fail_before_training(tmp_path, image_data, monkeypatch):
+    train_root, val_root = image_data
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PasslError, match="not writable"):
+        _run(tiny_config(tmp_path, train_root, val_root, output_dir=str(blocker / "out")))
+
+    class Usage:
+        free = 1 << 20
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(PasslError, match="free"):
+        _run(tiny_config(tmp_path, train_root, val_root))
+    assert not any(p.endswith(".pdckpt") for p in os.listdir(tmp_path / "out"))
+
+
+def test_resume_without_checkpoint_says_so(tmp_path, image_data):
+    train_root, val_root = image_data
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _run(tiny_config(tmp_path, train_root, val_root), resume="auto")
