@@ -1,0 +1,149 @@
+"""Token Labeling loss (SPEC 3) computed from the compact targets of passl/data/targets.py.
+
+A token's target over C classes is ``t = (1 - s) * p + s / C`` where ``p`` is ``probs[u]`` for the
+U listed classes and ``bg`` for each other class. With logp = log_softmax(aux):
+
+    -sum_c t_c logp_c = -((1 - s) bg + s / C) * sum_c logp_c  -  (1 - s) * sum_u (probs_u - bg) logp_{class_u}
+
+and sum_c logp_c = sum_c aux_c - C * logsumexp(aux), so the dense term needs one logsumexp and one
+sum over [B, N, C] plus a gather of [B, N, U] -- no [B, N, C] target is ever built. The class-token
+target is small ([B, C]) and is built densely on device, then blended with the ground truth
+(optional) and mixed for MixToken: lam = 1 - box_area / N, t = lam t + (1 - lam) t[reversed batch].
+Images without label maps (or batches without compact targets) use the smoothed one-hot label.
+"""
+import paddle
+import paddle.nn.functional as F
+
+from passl.registry import LOSSES
+
+__all__ = ["TokenLabelCrossEntropy", "SoftTargetCrossEntropy", "class_target", "mix_class_target",
+           "dense_token_loss", "soft_cross_entropy"]
+
+
+def _split_outputs(outputs):
+    """Model output -> (cls [B, C], aux [B, N, C] or None, box int64 [4] or None)."""
+    if isinstance(outputs, (tuple, list)):
+        cls_logits = outputs[0]
+        aux = outputs[1] if len(outputs) > 1 else None
+        box = outputs[2] if len(outputs) > 2 else None
+        return cls_logits, aux, box
+    return outputs, None, None
+
+
+def _compact(batch, num_tokens):
+    """(classes [B, U] int64, token_probs [B, N, U], token_bg [B, N], cls_probs [B, U], cls_bg [B]);
+    the one-hot label (U = 1, probs 1, bg 0) when the batch has no compact targets."""
+    if "target_classes" in batch:
+        return (batch["target_classes"], batch["token_probs"].astype("float32"), batch["token_bg"].astype("float32"),
+                batch["cls_probs"].astype("float32"), batch["cls_bg"].astype("float32"))
+    label = batch["label"].astype("int64").reshape([-1, 1])
+    size = label.shape[0]
+    ones = paddle.ones([size, max(num_tokens, 1), 1], "float32")
+    return label, ones, paddle.zeros([size, max(num_tokens, 1)], "float32"), ones[:, 0], paddle.zeros([size], "float32")
+
+
+def class_target(batch, num_classes, smoothing=0.1, ground_truth=False):
+    """Smoothed class-token target [B, C] (float32): (1 - s) p + s / C from the compact ``cls_probs`` /
+    ``cls_bg`` (or the one-hot label), blended with the smoothed one-hot label when ``ground_truth``:
+    r = 0.9 - 0.4 [argmax g == argmax t]; t = r t + (1 - r) g."""
+    classes, _, _, probs, bg = _compact(batch, 0)
+    valid = classes >= 0
+    index = paddle.where(valid, classes, paddle.zeros_like(classes))
+    weight = paddle.where(valid, probs - bg.unsqueeze(1), paddle.zeros_like(probs))
+    size = classes.shape[0]
+    dense = paddle.put_along_axis(bg.unsqueeze(1).expand([size, num_classes]).clone(), index, weight, axis=1,
+                                  reduce="add")
+    target = (1.0 - smoothing) * dense + smoothing / num_classes
+    if ground_truth:
+        label = batch["label"].astype("int64").reshape([-1])
+        truth = (1.0 - smoothing) * F.one_hot(label, num_classes) + smoothing / num_classes
+        agree = (truth.argmax(-1) == target.argmax(-1)).astype("float32").unsqueeze(1)
+        ratio = 0.9 - 0.4 * agree
+        target = ratio * target + (1.0 - ratio) * truth
+    return target
+
+
+def mix_class_target(target, box, num_tokens):
+    """MixToken: target [B, C], box int64 [4] (row1, col1, row2, col2, end-exclusive) or None.
+    lam = 1 - area / N; returns lam t + (1 - lam) t[::-1] (identity for an empty box, no host sync)."""
+    if box is None:
+        return target
+    box = box.astype("float32")
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    lam = 1.0 - area / float(num_tokens)
+    return lam * target + (1.0 - lam) * paddle.flip(target, axis=[0])
+
+
+def soft_cross_entropy(logits, target):
+    """mean over rows of -sum_c target_c log_softmax(logits)_c. logits, target: [B, C]."""
+    return -(target * F.log_softmax(logits.astype("float32"), axis=-1)).sum(-1).mean()
+
+
+def dense_token_loss(aux, batch, smoothing=0.1):
+    """mean over B and N of the soft cross-entropy of aux [B, N, C] against the compact token targets."""
+    aux = aux.astype("float32")
+    size, tokens, num_classes = aux.shape
+    classes, probs, bg, _, _ = _compact(batch, tokens)
+    valid = (classes >= 0).unsqueeze(1)                                          # [B, 1, U]
+    index = paddle.where(classes >= 0, classes, paddle.zeros_like(classes)).unsqueeze(1)
+    index = index.expand([size, tokens, classes.shape[1]])                      # [B, N, U]
+    lse = paddle.logsumexp(aux, axis=-1)                                         # [B, N]
+    sum_logp = aux.sum(-1) - num_classes * lse                                   # sum_c logp_c
+    picked = paddle.take_along_axis(aux, index, axis=2) - lse.unsqueeze(-1)      # logp at listed classes
+    weight = paddle.where(valid, probs - bg.unsqueeze(-1), paddle.zeros_like(probs))
+    per_token = -((1.0 - smoothing) * bg + smoothing / num_classes) * sum_logp \
+        - (1.0 - smoothing) * (weight * picked).sum(-1)
+    return per_token.mean()
+
+
+@LOSSES.register()
+class TokenLabelCrossEntropy(paddle.nn.Layer):
+    """cls_weight * SoftCE(cls, t_cls) + dense_weight * mean_{B,N} SoftCE(aux, t_token).
+
+    Call ``loss(outputs, batch) -> {"loss", "loss_cls", "loss_dense"}`` (scalar tensors) with the
+    model's training output ``(cls [B, C], aux [B, N, C], box)`` (or just ``cls``: then only the
+    class term) and the collated batch as paddle tensors. smoothing: label smoothing s;
+    ground_truth: blend the cls target with the image label (reference flag, off by default).
+    """
+
+    def __init__(self, cls_weight: float = 1.0, dense_weight: float = 1.0, smoothing: float = 0.1,
+                 ground_truth: bool = False):
+        super().__init__()
+        self.cls_weight, self.dense_weight = cls_weight, dense_weight
+        self.smoothing, self.ground_truth = smoothing, ground_truth
+
+    def forward(self, outputs, batch):
+        cls_logits, aux, box = _split_outputs(outputs)
+        num_classes = cls_logits.shape[-1]
+        target = class_target(batch, num_classes, self.smoothing, self.ground_truth)
+        if aux is not None:
+            target = mix_class_target(target, box, aux.shape[1])
+        loss_cls = soft_cross_entropy(cls_logits, target)
+        out = {"loss_cls": loss_cls}
+        if aux is not None and self.dense_weight != 0:
+            loss_dense = dense_token_loss(aux, batch, self.smoothing)
+            out["loss_dense"] = loss_dense
+            out["loss"] = self.cls_weight * loss_cls + self.dense_weight * loss_dense
+        else:
+            out["loss_dense"] = paddle.zeros([], "float32")
+            out["loss"] = self.cls_weight * loss_cls
+        return out
+
+
+@LOSSES.register()
+class SoftTargetCrossEntropy(paddle.nn.Layer):
+    """Class-token-only training: SoftCE(cls, t_cls) with the batch's class target (pooled label map,
+    or the smoothed one-hot label), mixed for MixToken when the output carries a box.
+    Returns {"loss", "loss_cls"}."""
+
+    def __init__(self, smoothing: float = 0.1):
+        super().__init__()
+        self.smoothing = smoothing
+
+    def forward(self, outputs, batch):
+        cls_logits, aux, box = _split_outputs(outputs)
+        target = class_target(batch, cls_logits.shape[-1], self.smoothing)
+        if aux is not None:
+            target = mix_class_target(target, box, aux.shape[1])
+        loss = soft_cross_entropy(cls_logits, target)
+        return {"loss": loss, "loss_cls": loss}
