@@ -25,6 +25,7 @@ from passl.errors import ConfigError, DataError
 from passl.registry import DATASETS, LABEL_STORES, TRANSFORMS
 
 __all__ = ["IMG_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolder", "TokenLabelDataset", "build_dataset",
+           "model_geometry", "inspect_sample",
            "read_class_names"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -258,3 +259,39 @@ def build_dataset(split_cfg, split, num_classes, grid_size):
         grid_size = (grid_size, grid_size)
     return TokenLabelDataset(source, transforms, store, num_classes, grid_size, targets=(split == "train"),
                              skip_bad_images=bool(split_cfg.get("skip_bad_images", False)))
+
+
+def model_geometry(model_cfg):
+    """(num_classes, (rows, cols) token grid) of a ``model:`` config section (patch 16)."""
+    from passl.registry import MODELS
+    params = MODELS.signature(model_cfg["name"]) if model_cfg and "name" in model_cfg else {}
+
+    def get(key, default):
+        if key in (model_cfg or {}):
+            return model_cfg[key]
+        return params[key].default if key in params and params[key].default is not params[key].empty else default
+
+    img_size = get("img_size", 224)
+    rows, cols = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return int(get("num_classes", 1000)), (rows // 16, cols // 16)
+
+
+def inspect_sample(cfg, index, seed=0):
+    """Run the configured training pipeline on sample ``index`` with numpy seeded by ``seed``.
+
+    Returns image float32 [3, H, W] (what the model sees), token_targets float32 [N, C] and
+    cls_target [C] (rows sum to 1, smoothing of the configured loss), grid int64 (rows, cols),
+    label int64 [], path (str).
+    """
+    from passl.data.targets import expand_targets
+    num_classes, grid = model_geometry(cfg["model"])
+    dataset = build_dataset(cfg["data"]["train"], "train", num_classes, grid)
+    if not 0 <= index < len(dataset):
+        raise ConfigError(f"--index {index} is outside the training set (0..{len(dataset) - 1})")
+    np.random.seed(seed)
+    item = dataset[index]
+    smoothing = float((cfg.get("loss") or {}).get("smoothing", 0.1))
+    token_targets, cls_target = expand_targets(item, num_classes, smoothing)
+    return {"image": item["image"], "token_targets": token_targets, "cls_target": cls_target,
+            "grid": np.asarray(grid, np.int64), "label": item["label"],
+            "path": dataset.source.image_path(index), "classes": list(dataset.source.class_names)}

@@ -1,0 +1,50 @@
+"""Convert a tree of per-image label maps (e.g. the PyTorch release's .pth files) to .npy files or a packed store.
+
+    python tools/convert_labels.py --src label_top5_train_nfnet --to npy --out labels_npy
+    python tools/convert_labels.py --src label_top5_train_nfnet --to packed --out labels_packed
+
+Maps keep their dtype (float16 stays float16). --coverage records what the maps cover
+(center_square for the published sets, full for maps of the whole image) in a packed store.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+from passl.utils.cpu_threads import configure_cpu_threads  # noqa: E402
+
+configure_cpu_threads()
+
+from passl.utils import cli  # noqa: E402
+
+
+def build_parser():
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--src", required=True, help="folder of <class_dir>/<stem>.<pth|npy> label maps")
+    p.add_argument("--src-format", choices=["pth", "npy"], default="pth", help="file type under --src")
+    p.add_argument("--to", choices=["npy", "packed"], required=True, help="store to write")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--coverage", choices=["center_square", "full"], default="center_square",
+                   help="what part of the image the maps cover")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from passl.data.label_maps import pack_label_maps, write_npy_tree
+    from passl.registry import LABEL_STORES
+    import passl  # noqa: F401  (fills the registries)
+
+    store = LABEL_STORES.build({"name": args.src_format, "root": args.src, "coverage": args.coverage})
+    if args.to == "npy":
+        count = write_npy_tree(store, args.out, progress=not args.no_progress)
+        print(f"converted {count} label maps from {args.src} to .npy files under {args.out}")
+    else:
+        count, shape = pack_label_maps(store, args.out, progress=not args.no_progress)
+        print(f"packed {count} label maps of shape {list(shape)} from {args.src} into {args.out} "
+              f"(coverage {store.coverage})")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
