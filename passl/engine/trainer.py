@@ -99,6 +99,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         result.update(weights=os.path.abspath(weights), which=which, seconds=round(time.time() - start, 2))
+        self.last_eval = result
         if self.main:
             with open(os.path.join(self.output_dir, "eval.json"), "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=1)
