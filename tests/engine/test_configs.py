@@ -1,0 +1,60 @@
+"""The shipped configs carry the published recipe (SPEC 6); values written out here by hand."""
+import os
+
+import pytest
+
+from passl.config import load_config
+from passl.registry import LOSSES
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "lvvit")
+
+pytestmark = pytest.mark.skipif("TokenLabelCrossEntropy" not in LOSSES,
+                                reason="passl.losses has no TokenLabelCrossEntropy yet")
+
+PRETRAIN = {  # file: (model, drop_path, lr per 1024, val crop_pct)
+    "lvvit_tiny.yaml": ("lvvit_t", 0.1, 1.6e-3, 0.9),
+    "lvvit_small.yaml": ("lvvit_s", 0.1, 1.6e-3, 0.9),
+    "lvvit_medium.yaml": ("lvvit_m", 0.2, 1.6e-3, 1.0),
+    "lvvit_large.yaml": ("lvvit_l", 0.3, 1.0e-3, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAIN))
+def test_pretraining_recipe(name):
+    cfg = load_config(os.path.join(CONFIGS, name))
+    model, drop_path, lr, crop_pct = PRETRAIN[name]
+    assert cfg["model"]["name"] == model and cfg["model"]["drop_path_rate"] == drop_path
+    assert cfg["model"]["img_size"] == 224
+    opt, sched = cfg["optimizer"], cfg["lr_schedule"]
+    assert (opt["name"], opt["lr"], opt["reference_batch"], opt["weight_decay"]) == ("AdamW", lr, 1024, 0.05)
+    assert (opt["beta1"], opt["beta2"], opt["epsilon"]) == (0.9, 0.999, 1e-8)
+    assert cfg["epochs"] == 310
+    assert (sched["name"], sched["warmup_epochs"], sched["warmup_lr"], sched["min_lr"], sched["cooldown_epochs"]) == \
+        ("WarmupCosine", 5, 1e-6, 1e-5, 10)
+    assert cfg["ema"] == {"enable": True, "decay": 0.99992}
+    assert cfg["amp"]["enable"] == "auto"
+    assert cfg["data"]["train"]["batch_size"] == 128
+    assert cfg["data"]["val"]["transforms"][0]["crop_pct"] == crop_pct
+    ops = "rand-n3-m9-mstd0.5-inc1" if model == "lvvit_l" else "rand-m9-mstd0.5-inc1"
+    assert any(t.get("config_str") == ops for t in cfg["data"]["train"]["transforms"])
+
+
+@pytest.mark.parametrize("name,model,size", [("lvvit_small_384.yaml", "lvvit_s", 384),
+                                             ("lvvit_medium_384.yaml", "lvvit_m", 384),
+                                             ("lvvit_medium_448.yaml", "lvvit_m", 448),
+                                             ("lvvit_large_448.yaml", "lvvit_l", 448)])
+def test_finetune_recipe(name, model, size):
+    cfg = load_config(os.path.join(CONFIGS, name))
+    assert (cfg["model"]["name"], cfg["model"]["img_size"], cfg["model"]["drop_path_rate"]) == (model, size, 0.1)
+    assert cfg["optimizer"]["lr"] == 5e-6 and cfg["optimizer"]["weight_decay"] == 1e-8
+    assert cfg["lr_schedule"]["name"] == "Constant"
+    assert cfg["data"]["train"]["batch_size"] == 64
+    sizes = [t["size"] for t in cfg["data"]["train"]["transforms"] + cfg["data"]["val"]["transforms"] if "size" in t]
+    assert set(sizes) == {size}
+
+
+def test_transfer_config():
+    cfg = load_config(os.path.join(CONFIGS, "transfer_example.yaml"))
+    assert cfg["loss"]["dense_weight"] == 0
+    assert cfg["model"]["num_classes"] != 1000 and cfg["train"]["reinit_head"] is True
+    assert cfg["data"]["train"]["label_store"] is None
