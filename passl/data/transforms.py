@@ -107,16 +107,39 @@ class Transform:
         return f"{type(self).__name__}({args})"
 
 
+def _pad_map_to_view(sample):
+    """Grow the map with empty cells (same cell size) until it covers the whole view, e.g. a
+    centre-square map of a wide image gets empty columns left and right."""
+    _, k, mh, mw = sample.label_map.shape
+    rx0, ry0, rx1, ry1 = sample.map_region
+    vx0, vy0, vx1, vy1 = sample.view
+    cw, ch = (rx1 - rx0) / mw, (ry1 - ry0) / mh
+    eps = 1e-6
+    left = max(0, int(math.ceil((rx0 - vx0) / cw - eps)))
+    right = max(0, int(math.ceil((vx1 - rx1) / cw - eps)))
+    top = max(0, int(math.ceil((ry0 - vy0) / ch - eps)))
+    bottom = max(0, int(math.ceil((vy1 - ry1) / ch - eps)))
+    if not (left or right or top or bottom):
+        return
+    out = np.zeros((2, k, mh + top + bottom, mw + left + right), sample.label_map.dtype)
+    out[1] = -1.0
+    out[:, :, top:top + mh, left:left + mw] = sample.label_map
+    sample.label_map = out
+    sample.map_region = (rx0 - left * cw, ry0 - top * ch, rx1 + right * cw, ry1 + bottom * ch)
+
+
 def warp_label_map(sample, inverse):
     """Resample ``sample.label_map`` after the image went through a PIL affine transform.
 
     inverse: (a, b, c, d, e, f) mapping an output pixel point (x, y) to the input point
     (a x + b y + c, d x + e y + f), in the image's continuous pixel coordinates (PIL's convention).
     Each map cell takes the cell under the inverse image of its centre (nearest); cells whose
-    source lies outside the map get scores 0 and class -1. The map keeps its ``map_region``.
+    source lies outside the map get scores 0 and class -1. The map is first padded with empty cells to
+    cover the whole view, so content the op moves out of the original coverage keeps its labels.
     """
     if sample.label_map is None:
         return
+    _pad_map_to_view(sample)   # so that what the op moves out of the map's region is kept
     _, _, mh, mw = sample.label_map.shape
     rx0, ry0, rx1, ry1 = sample.map_region
     width, height = sample.image_size()
