@@ -183,7 +183,7 @@ def draw_mix_box(grid_h, grid_w):
     """
     lam = paddle.rand([1], dtype="float32")
     ratio = paddle.sqrt(1.0 - lam)
-    sides = paddle.to_tensor([grid_h, grid_w], dtype="int64")
+    sides = paddle.concat([paddle.full([1], grid_h, dtype="int64"), paddle.full([1], grid_w, dtype="int64")])
     cut = paddle.floor(sides.astype("float32") * ratio).astype("int64")
     centre = paddle.concat([paddle.randint(0, grid_h, [1], dtype="int64"),
                             paddle.randint(0, grid_w, [1], dtype="int64")])
