@@ -1,87 +1,11 @@
-"""Tiny synthetic ImageFolder data and tiny LV-ViT configs for the trainer tests."""
+"""Fixtures for the trainer tests: tiny synthetic images (helpers in engine_helpers.py)."""
 import os
 import sys
 
-import numpy as np
 import pytest
-import yaml
-from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tests", "engine"))
-
-
-def _register_stand_in_loss():
-    """Until passl.losses has TokenLabelCrossEntropy: a plain CE on cls and every token (test only)."""
-    import paddle
-    from passl.registry import LOSSES
-    if "TokenLabelCrossEntropy" in LOSSES or "TestStandInCE" in LOSSES:
-        return
-
-    @LOSSES.register("TestStandInCE")
-    class TestStandInCE:
-        def __init__(self, dense_weight: float = 1.0):
-            self.dense_weight = dense_weight
-
-        def __call__(self, outputs, batch):
-            cls, aux = (outputs[0], outputs[1]) if isinstance(outputs, tuple) else (outputs, None)
-            label = batch["label"]
-            loss_cls = paddle.nn.functional.cross_entropy(cls, label)
-            out = {"loss_cls": loss_cls, "loss": loss_cls}
-            if aux is not None:
-                tokens = label.unsqueeze(1).expand([aux.shape[0], aux.shape[1]]).reshape([-1])
-                out["loss_dense"] = paddle.nn.functional.cross_entropy(aux.reshape([-1, aux.shape[-1]]), tokens)
-                out["loss"] = loss_cls + self.dense_weight * out["loss_dense"]
-            return out
-
-
-def loss_name():
-    from passl.registry import LOSSES
-    _register_stand_in_loss()
-    return "TokenLabelCrossEntropy" if "TokenLabelCrossEntropy" in LOSSES else "TestStandInCE"
-
-
-def make_image_folder(root, classes=3, per_class=4, size=32, seed=0):
-    """root/class_k/img_i.png: random colour images whose mean colour depends on the class."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        os.makedirs(os.path.join(root, f"class_{c}"), exist_ok=True)
-        for i in range(per_class):
-            base = np.zeros((size, size, 3), np.float32)
-            base[..., c % 3] = 160
-            pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(os.path.join(root, f"class_{c}", f"img_{i}.png"))
-    return str(root)
-
-
-def tiny_config(tmp_path, train_root, val_root=None, augment=True, **overrides):
-    """A config file for a 32 px, 2-block LV-ViT on ``train_root``; returns its path."""
-    train_transforms = [{"name": "RandomResizedCrop", "size": 32, "scale": [0.5, 1.0]},
-                        {"name": "RandomHorizontalFlip"}, {"name": "Normalize"}] if augment else [{"name": "Normalize"}]
-    cfg = {
-        "seed": 0, "device": "cpu", "output_dir": str(tmp_path / "out"), "epochs": 2,
-        "model": {"name": "LVViT", "img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                  "stem": "patch16", "num_classes": 3, "drop_path_rate": 0.1 if augment else 0.0,
-                  "mix_token": augment},
-        "loss": {"name": loss_name()},
-        "optimizer": {"name": "AdamW", "lr": 1e-3, "reference_batch": 4},
-        "lr_schedule": {"name": "WarmupCosine", "warmup_epochs": 1, "cooldown_epochs": 0, "min_lr": 1e-5},
-        "data": {"train": {"dataset": {"name": "ImageFolder", "root": train_root}, "transforms": train_transforms,
-                           "batch_size": 4, "num_workers": 0},
-                 "val": {"dataset": {"name": "ImageFolder", "root": val_root} if val_root else None,
-                         "transforms": [{"name": "Normalize"}], "batch_size": 4, "num_workers": 0}},
-        "ema": {"enable": True, "decay": 0.9},
-        "train": {"log_interval": 2},
-    }
-    for dotted, value in overrides.items():
-        node = cfg
-        *path, last = dotted.split("__")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine_helpers import make_image_folder  # noqa: E402
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from engine_helpers import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import paddle
 import pytest
-from conftest import tiny_config
+from engine_helpers import tiny_config
 
 from passl.config import load_config
 from passl.engine import trainer as trainer_module
