@@ -33,6 +33,7 @@ __all__ = ["Trainer", "step_seed"]
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 _NO_BAD_STEP = 2 ** 62
+_PEER_LOST = ("TIMEOUT", "Timeout", "timed out", "Connection", "connection", "NCCL", "gloo", "closed")
 
 
 def step_seed(seed, rank, step):
@@ -78,8 +79,14 @@ class Trainer:
             raise
         except Exception as e:
             if self.world_size > 1:
-                self.log.error(f"rank {self.rank} of {self.world_size} failed: {type(e).__name__}: {e} "
-                               "(the other ranks will stop; see this rank's workerlog for the traceback)")
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                if any(word in str(e) for word in _PEER_LOST):
+                    self.log.error(f"rank {self.rank} of {self.world_size}: lost contact with the other processes "
+                                   f"({type(e).__name__}: {first_line}); another rank probably died first - its "
+                                   "error is in the launcher's log directory (log/workerlog.<rank> by default)")
+                else:
+                    self.log.error(f"rank {self.rank} of {self.world_size} failed: {type(e).__name__}: {first_line} "
+                                   f"(the launcher stops the other ranks; traceback in log/workerlog.{self.rank})")
             raise
 
     def evaluate_only(self, weights):

@@ -19,8 +19,16 @@ from passl.utils.distributed import rank  # noqa: E402
 
 
 def main(mode, config, result_dir, weights=None):
+    if mode == "crash":   # rank 1 dies at step 2 while rank 0 waits for it in a collective
+        original = Trainer._optimizer_step
+
+        def step(self, index):
+            if rank() == 1 and index == 2:
+                raise RuntimeError("simulated crash on rank 1")
+            original(self, index)
+        Trainer._optimizer_step = step
     trainer = Trainer(load_config(config))
-    if mode == "train":
+    if mode in ("train", "crash"):
         code = trainer.train()
         state = trainer.raw_model.state_dict()
         np.savez(os.path.join(result_dir, f"rank{rank()}.npz"), **{k: v.numpy() for k, v in state.items()})

@@ -21,7 +21,7 @@ WORKER = os.path.join(HERE, "dist_worker.py")
 pytestmark = pytest.mark.slow
 
 
-def _launch(nproc, args, log_dir):
+def _launch(nproc, args, log_dir, expect_ok=True):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     for key in [k for k in env if k.startswith(("PADDLE_", "FLAGS_selected"))]:
         del env[key]
@@ -34,6 +34,8 @@ def _launch(nproc, args, log_dir):
     logs = ""
     if os.path.isdir(log_dir):
         logs = "\n".join(open(os.path.join(log_dir, f)).read()[-3000:] for f in sorted(os.listdir(log_dir)))
+    if not expect_ok:
+        return done
     assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{logs}"
     return done
 
@@ -78,3 +80,14 @@ def test_evaluation_is_exact_across_process_counts(tmp_path, image_data):
         results[nproc] = [json.load(open(out / f"eval_rank{r}.json")) for r in range(nproc)]
     assert results[1][0]["num_samples"] == 9
     assert results[2][0] == results[2][1] == results[1][0]
+
+
+def test_a_dying_rank_stops_the_run_with_a_clear_error(tmp_path, image_data):
+    train_root, val_root = image_data
+    cfg = tiny_config(tmp_path, train_root, val_root, epochs=3)
+    done = _launch(2, ["crash", cfg, str(tmp_path)], tmp_path / "log", expect_ok=False)
+    assert done.returncode != 0
+    rank1 = (tmp_path / "log" / "workerlog.1").read_text()
+    assert "rank 1 of 2 failed: RuntimeError: simulated crash on rank 1" in rank1
+    rank0 = (tmp_path / "log" / "workerlog.0").read_text()
+    assert "lost contact with the other processes" in rank0 and "another rank probably died" in rank0
