@@ -120,13 +120,18 @@ class LabelStore:
 
 
 def _npy_header(path):
-    """(shape, dtype) from a .npy header without reading the data."""
+    """(shape, dtype) from a .npy header without reading the data; ValueError if the file is shorter
+    than its header says (a truncated copy)."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, _, dtype = np.lib.format.read_array_header_1_0(f)
         else:
             shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
+        actual = os.fstat(f.fileno()).st_size
+    if actual < expected:
+        raise ValueError(f"truncated: {actual} bytes, the header promises {expected}")
     return shape, dtype
 
 
