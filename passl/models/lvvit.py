@@ -293,7 +293,11 @@ class LVViT(nn.Layer):
         Returns a list (in the order asked) of [B, D, H/16, W/16]; ``apply_norm`` passes each
         through the final LayerNorm first.
         """
-        wanted = [i % len(self.blocks) for i in block_indices]
+        depth = len(self.blocks)
+        bad = [i for i in block_indices if not -depth <= i < depth]
+        if bad:
+            raise ConfigError(f"block_indices {bad} out of range for a model with {depth} blocks")
+        wanted = [i % depth for i in block_indices]
         x = self.tokens(self.embed(images))
         found = {}
         for index, block in enumerate(self.blocks):
