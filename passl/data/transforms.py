@@ -59,7 +59,7 @@ class Sample:
     def __init__(self, image=None, label_map=None, map_region=None, size=None):
         self.image = image
         self.label_map = label_map
-        self.size = size if size is not None else image.size
+        self.size = size if size is not None else self.image_size()
         self.view = (0.0, 0.0, float(self.size[0]), float(self.size[1]))
         self.map_region = map_region if map_region is not None else self.view
         self.plans = {}
