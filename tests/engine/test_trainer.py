@@ -130,3 +130,19 @@ def test_resume_without_checkpoint_says_so(tmp_path, image_data):
     train_root, val_root = image_data
     with pytest.raises(CheckpointError, match="no checkpoint"):
         _run(tiny_config(tmp_path, train_root, val_root), resume="auto")
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, image_data):
+    """batch 2 x 2 accumulation steps == batch 4 (same global batch, nothing random)."""
+    train_root, val_root = image_data
+    finals = []
+    for batch, accum in ((4, 1), (2, 2)):
+        run = tmp_path / f"b{batch}"
+        run.mkdir()
+        trainer, code = _run(tiny_config(run, train_root, None, augment=False, epochs=1,
+                                         data__train__batch_size=batch, train__accum_steps=accum,
+                                         train__grad_clip=100.0, optimizer__epsilon=1.0))  # eps 1: Adam sees the gradient scale
+        assert code == 0 and trainer.global_batch == 4 and trainer.progress["global_step"] == 3
+        finals.append({k: v.numpy() for k, v in trainer.raw_model.state_dict().items()})
+    for key in finals[0]:
+        np.testing.assert_allclose(finals[1][key], finals[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
