@@ -66,6 +66,10 @@ def test_resume_is_exact(tmp_path, image_data, monkeypatch, stop_at_step):
     lines = [json.loads(x) for x in (split_dir / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     assert {"train_loss", "val_top1", "val_top5", "ema_top1", "ema_top5", "lr", "wall_time"} <= lines[-1].keys()
+    log = (split_dir / "out" / "train.log").read_text()
+    for field in ("epoch 2/2", "lr ", "loss_cls", "loss_dense", "samples/s", "data wait", "eta ", "done: 2 epochs"):
+        assert field in log, field
+    assert any(name.startswith("vdlrecords") for name in os.listdir(split_dir / "out" / "vdl"))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_data, monkeypatch, capsys):
