@@ -444,7 +444,8 @@ class Trainer:
         if self.main:
             path = self.ckpt.save_epoch(self._state(), epoch, is_best, best_weights)
             self.metrics.epoch(record)
-            shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+            shown = "  ".join(f"{k} {v:.4g}" if k == "lr" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in record.items())
             self.log.info(f"{shown}{'  (best)' if is_best else ''} -> {path}")
         if self.world_size > 1:
             stop = paddle.full([1], int(self.stop_requested), "int64")
