@@ -19,6 +19,7 @@ from passl.registry import TRANSFORMS
 __all__ = ["RandAugment", "parse_rand_config", "GEOMETRIC_OPS", "COLOR_OPS"]
 
 _MAX_LEVEL = 10.0
+_GLOBAL_OPS = ("AutoContrast", "Equalize", "Contrast", "ContrastIncreasing")   # use whole-image statistics
 _TRANSLATE_PCT = 0.45
 _SOLARIZE_ADD_LUT = {}
 
@@ -148,11 +149,14 @@ class RandAugment(Transform):
     config_str: e.g. 'rand-m9-mstd0.5-inc1' (LV-ViT S/M/T), 'rand-n3-m9-mstd0.5-inc1' (L).
     ops: restrict to these op names (null: timm's 15 ops). fill: RGB outside geometric ops
     (timm uses the ImageNet mean). interpolation: for geometric ops, 'random' = bilinear or bicubic.
+    crop_window: when a RandomResizedCrop follows, compute geometric ops only over the part of the
+    image the crop will use (same pixels as the whole image, ~2x less work on average).
     """
 
     def __init__(self, config_str: str = "rand-m9-mstd0.5-inc1", ops: list = None, fill: list = (124, 116, 104),
-                 interpolation: str = "random", enable: bool = True):
+                 interpolation: str = "random", crop_window: bool = True, enable: bool = True):
         super().__init__(enable)
+        self.crop_window = crop_window
         params = parse_rand_config(config_str)
         _check_interpolation(interpolation, "RandAugment")
         self.config_str, self.fill, self.interpolation = config_str, tuple(int(v) for v in fill), interpolation
@@ -175,16 +179,79 @@ class RandAugment(Transform):
         return min(max(level, 0.0), self.magnitude_max)
 
     def apply(self, sample, rng):
+        steps = []                      # (name, level, inverse affine or None, resample)
         for name in rng.choice(self.ops, self.num_ops, replace=True):
             if rng.random() >= self.prob:
                 continue
             level = self._level(rng)
             if name in GEOMETRIC_OPS:
                 inverse = GEOMETRIC_OPS[name](sample.image, level, rng)
-                resample = pil_interpolation(self.interpolation, rng)
-                sample.image = sample.image.transform(sample.image.size, Image.AFFINE, inverse, resample,
-                                                      fillcolor=self.fill)
-                warp_label_map(sample, inverse)
+                steps.append((name, level, inverse, pil_interpolation(self.interpolation, rng)))
             else:
-                sample.image = COLOR_OPS[name](sample.image, level, rng)
+                steps.append((name, level, None, None))
+        windows = self._windows(sample, steps) if self.crop_window else None
+        image, origin = sample.image, (0, 0)
+        for index, (name, level, inverse, resample) in enumerate(steps):
+            if inverse is None:
+                image = COLOR_OPS[name](image, level, rng)
+                continue
+            warp_label_map(sample, inverse)   # in full-image coordinates (sample.image is still full)
+            if windows is None or windows[index] is None:
+                image = image.transform(image.size, Image.AFFINE, inverse, resample, fillcolor=self.fill)
+                continue
+            # compute only the output window: window pixel (x, y) is full-image pixel (x + wx0, y + wy0),
+            # whose source point is read from the current image, which starts at `origin`
+            wx0, wy0, wx1, wy1 = windows[index]
+            a, b, c, d, e, f = inverse
+            data = (a, b, a * wx0 + b * wy0 + c - origin[0], d, e, d * wx0 + e * wy0 + f - origin[1])
+            image = image.transform((wx1 - wx0, wy1 - wy0), Image.AFFINE, data, resample, fillcolor=self.fill)
+            origin = (wx0, wy0)
+        if origin != (0, 0) or image.size != sample.image.size:
+            sample.view = sample.view_from_pixels((origin[0], origin[1], origin[0] + image.size[0],
+                                                   origin[1] + image.size[1]))
+        sample.image = image
         return sample
+
+    def _windows(self, sample, steps):
+        """Per step, the full-image pixel box its output must cover so that a planned crop comes out
+        exactly as if every op had run on the whole image; None where a step runs on the whole image.
+
+        Only from the first geometric op on, and only when no op after it needs whole-image
+        statistics (AutoContrast, Equalize, Contrast). Boxes grow backwards through each op: a
+        geometric op needs the bounding box of its output's source points (+3 px for bicubic),
+        Sharpness +2 px (3x3 filter), and the crop's resize filter needs 2 x its scale factor.
+        """
+        plan = sample.plans.get("crop")
+        geometric = [i for i, step in enumerate(steps) if step[2] is not None]
+        if plan is None or not geometric:
+            return None
+        first = geometric[0]
+        if any(step[0] in _GLOBAL_OPS for step in steps[first:]):
+            return None
+        width, height = sample.image.size
+        box, out_size = plan
+        x0, y0, x1, y1 = sample.pixels_from_view(box)
+        margin = math.ceil(2 * max(1.0, (x1 - x0) / out_size, (y1 - y0) / out_size)) + 2
+        window = (x0 - margin, y0 - margin, x1 + margin, y1 + margin)
+        windows = [None] * len(steps)
+        for index in range(len(steps) - 1, first - 1, -1):
+            window = _clip_box(window, width, height)
+            windows[index] = window
+            name, _, inverse, _ = steps[index]
+            if inverse is not None:
+                a, b, c, d, e, f = inverse
+                xs = [a * x + b * y + c for x in window[0::2] for y in window[1::2]]
+                ys = [d * x + e * y + f for x in window[0::2] for y in window[1::2]]
+                window = (min(xs) - 3, min(ys) - 3, max(xs) + 3, max(ys) + 3)
+            elif name.startswith("Sharpness"):
+                window = (window[0] - 2, window[1] - 2, window[2] + 2, window[3] + 2)
+        if windows[first] == (0, 0, width, height):
+            return None
+        return windows
+
+
+def _clip_box(box, width, height):
+    """Round a float box outwards to whole pixels inside the image (at least 1 x 1)."""
+    x0 = min(width - 1, max(0, int(math.floor(box[0]))))
+    y0 = min(height - 1, max(0, int(math.floor(box[1]))))
+    return (x0, y0, max(x0 + 1, min(width, int(math.ceil(box[2])))), max(y0 + 1, min(height, int(math.ceil(box[3])))))

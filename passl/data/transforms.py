@@ -53,7 +53,8 @@ class Sample:
     map_region: (x0, y0, x1, y1) reference-frame box the map covers
     view:       (x0, y0, x1, y1) reference-frame box the image shows
     size:       (width, height) of the original image (the reference frame)
-    plans:      per-transform random parameters drawn before decoding
+    plans:      per-transform random parameters drawn before decoding; plans["crop"] =
+                (reference-frame box, output size) of a planned crop
     """
 
     def __init__(self, image=None, label_map=None, map_region=None, size=None):
@@ -227,10 +228,13 @@ class RandomResizedCrop(Transform):
             return math.inf
         x, y, w, h = _sample_crop(sample.size[0], sample.size[1], self.scale, self.ratio, rng)
         sample.plans[id(self)] = (x, y, x + w, y + h)
+        # tells RandAugment which part of the image the output will need (reference frame, output size)
+        sample.plans["crop"] = ((x, y, x + w, y + h), self.size)
         return min(w, h) / self.size
 
     def apply(self, sample, rng):
         box = sample.plans.pop(id(self), None)
+        sample.plans.pop("crop", None)
         if box is None:   # not planned (image given directly): draw on the current image
             width, height = sample.image_size()
             x, y, w, h = _sample_crop(width, height, self.scale, self.ratio, rng)

@@ -151,3 +151,27 @@ def test_normalize_and_erasing():
     disabled = RandomErasing(prob=1.0, enable=False)
     same = disabled(Sample(image=before.copy()), np.random.default_rng(0))
     np.testing.assert_array_equal(same.image, before)
+
+
+def test_crop_window_gives_the_same_pixels_as_whole_image_ops():
+    """RandAugment computing geometric ops only where the planned crop looks must not change a pixel."""
+    pixels = np.random.default_rng(0).integers(0, 255, (75, 100, 3), dtype=np.uint8)
+    smooth = Image.fromarray(pixels).resize((200, 150), Image.BICUBIC)
+    label_map = np.random.default_rng(1).normal(size=(2, 2, 6, 6)).astype(np.float32)
+    windowed_runs = 0
+    for seed in range(60):
+        outputs = []
+        for window in (True, False):
+            rng = np.random.default_rng(seed)
+            sample = Sample(size=smooth.size)
+            crop = RandomResizedCrop(size=32, scale=[0.05, 0.6])
+            crop.plan(sample, rng)
+            sample.image, sample.label_map = smooth.copy(), label_map.copy()
+            sample = RandAugment("rand-n3-m9-mstd0.5-p0.8-inc1", crop_window=window)(sample, rng)
+            windowed_runs += window and sample.image.size != smooth.size
+            sample = crop(sample, rng)
+            outputs.append((np.asarray(sample.image), sample.label_map, sample.view))
+        np.testing.assert_array_equal(outputs[0][0], outputs[1][0], err_msg=f"seed {seed}")
+        np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+        np.testing.assert_allclose(outputs[0][2], outputs[1][2])
+    assert windowed_runs >= 10
