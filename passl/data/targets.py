@@ -39,12 +39,12 @@ def axis_weights(start, end, bins, size):
     low = np.floor(pos).astype(np.int64)
     high = np.minimum(low + 1, size - 1)
     frac = pos - low
-    weights = np.zeros((bins, size))
-    rows = np.repeat(np.arange(bins)[:, None], per_bin, axis=1)
+    flat = np.arange(bins)[:, None] * size
     scale = inside / per_bin
-    np.add.at(weights, (rows, low), (1.0 - frac) * scale)
-    np.add.at(weights, (rows, high), frac * scale)
-    return weights
+    weights = np.bincount(np.concatenate([(flat + low).ravel(), (flat + high).ravel()]),
+                          np.concatenate([((1.0 - frac) * scale).ravel(), (frac * scale).ravel()]),
+                          minlength=bins * size)
+    return weights.reshape(bins, size)
 
 
 def map_box(view, map_region, map_size):
