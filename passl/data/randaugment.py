@@ -9,7 +9,6 @@ outside) -- see ``transforms.warp_label_map``.
 """
 import math
 
-import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from passl.data.transforms import Transform, _check_interpolation, pil_interpolation, warp_label_map
