@@ -15,10 +15,13 @@ _IMPORT_NOISE = ("OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
 class _FilteredStream(io.TextIOBase):
     def __init__(self, stream):
         self._stream = stream
+        self._dropped = False  # print() writes the line end separately; drop it with its line
 
     def write(self, text):
-        if any(noise in text for noise in _IMPORT_NOISE):
+        if any(noise in text for noise in _IMPORT_NOISE) or (self._dropped and text == "\n"):
+            self._dropped = text != "\n"
             return len(text)
+        self._dropped = False
         return self._stream.write(text)
 
     def flush(self):
