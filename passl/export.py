@@ -1,0 +1,174 @@
+"""Static inference models: export an LV-ViT with its eval preprocessing, and predict with it.
+
+``export_model`` writes, into ``out_dir``:
+
+- ``inference.json`` / ``.pdmodel`` + ``inference.pdiparams``: ``paddle.jit.save`` of the eval model,
+  input ``[None, 3, H, W]`` float32 (any batch size), output ``[B, num_classes]`` logits;
+- ``preprocess.json``: what ``predict`` does to an image first (SPEC 5 evaluation: resize the
+  shorter side to int(crop / crop_pct) bicubic, centre-crop, normalise), and the class names.
+
+``predict`` loads that folder with ``paddle.jit.load`` and returns the top-5 classes of images
+of any size (JPEG, PNG, ... anything PIL decodes).
+"""
+import json
+import os
+
+import numpy as np
+
+from passl.errors import ConfigError, DataError
+
+__all__ = ["export_model", "eval_preprocessing", "load_exported", "preprocess_image", "predict", "PREPROCESS_FILE",
+           "MODEL_PREFIX"]
+
+PREPROCESS_FILE = "preprocess.json"
+MODEL_PREFIX = "inference"
+
+
+def eval_preprocessing(cfg):
+    """The eval preprocessing of a resolved config as a dict: {resize_shorter, crop_pct, crop_size,
+    interpolation, mean, std} from data.val.transforms (ResizeShorter, CenterCrop, Normalize);
+    the model's img_size and ImageNet statistics where the config lists none."""
+    from passl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    img = cfg["model"].get("img_size", 224)
+    rows, cols = (img, img) if isinstance(img, int) else tuple(img)
+    if rows != cols:
+        raise ConfigError(f"model.img_size {img}: the eval preprocessing (centre crop) is square only")
+    out = {"resize_shorter": int(rows / 0.9), "crop_pct": 0.9, "crop_size": rows, "interpolation": "bicubic",
+           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    for t in (cfg["data"]["val"].get("transforms") or []):
+        if t.get("enable", True) is False:
+            continue
+        if t["name"] == "ResizeShorter":
+            size, pct = t.get("size", 224), t.get("crop_pct", 0.9)
+            out.update(resize_shorter=int(size / pct), crop_pct=pct, interpolation=t.get("interpolation", "bicubic"))
+        elif t["name"] == "CenterCrop":
+            out["crop_size"] = t.get("size", 224)
+        elif t["name"] == "Normalize":
+            out.update(mean=list(t.get("mean", IMAGENET_MEAN)), std=list(t.get("std", IMAGENET_STD)))
+    if out["crop_size"] != rows:
+        raise ConfigError(f"data.val CenterCrop size {out['crop_size']} differs from model.img_size {rows}")
+    return out
+
+
+def _class_names(cfg, num_classes, class_names=None):
+    if class_names is not None:
+        from passl.data.datasets import read_class_names
+        names = read_class_names(class_names)[1]
+    else:
+        names = None
+        dataset = cfg["data"]["val"].get("dataset") or cfg["data"]["train"].get("dataset")
+        if dataset:
+            try:
+                from passl.registry import DATASETS
+                names = list(DATASETS.build(dataset).class_names)
+            except DataError:
+                names = None   # the dataset is not on this machine: numbered names
+    if names is None:
+        return [f"class_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ConfigError(f"{len(names)} class names for a model of {num_classes} classes; pass --class-names FILE")
+    return names
+
+
+def _load_weights(model, weights):
+    from passl.engine.checkpoint import load_file, weights_from
+    from passl.models import load_pretrained
+    if str(weights).endswith(".pdckpt"):
+        state, _ = weights_from(load_file(weights), weights)
+        load_pretrained(model, state, log=lambda *a: None)
+    else:
+        load_pretrained(model, weights, log=lambda *a: None)
+
+
+def export_model(cfg, weights, out_dir, class_names=None):
+    """Export the eval model of ``cfg`` with ``weights`` to ``out_dir`` (see the module docstring).
+
+    Returns (eager model in eval mode, path prefix of the saved model, preprocessing dict)."""
+    import paddle
+
+    import passl
+    preprocessing = eval_preprocessing(cfg)
+    with paddle.utils.unique_name.guard():
+        model = passl.build_model(cfg["model"])
+    _load_weights(model, weights)
+    model.eval()
+    size = preprocessing["crop_size"]
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="images")]
+    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, MODEL_PREFIX)
+    paddle.jit.save(static, prefix)
+    info = {**preprocessing, "model": cfg["model"], "weights": os.path.abspath(weights),
+            "class_names": _class_names(cfg, model.num_classes, class_names)}
+    tmp = os.path.join(out_dir, f".{PREPROCESS_FILE}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, PREPROCESS_FILE))
+    return model, prefix, info
+
+
+def load_exported(model_dir):
+    """(paddle.jit loaded layer, preprocess dict) of an ``export_model`` folder."""
+    import paddle
+    info_path = os.path.join(model_dir, PREPROCESS_FILE)
+    if not os.path.isfile(info_path):
+        raise DataError(f"{model_dir} is not an exported model (no {PREPROCESS_FILE}); "
+                        "write one with tools/export_model.py")
+    with open(info_path, encoding="utf-8") as f:
+        info = json.load(f)
+    layer = paddle.jit.load(os.path.join(model_dir, MODEL_PREFIX))
+    layer.eval()
+    return layer, info
+
+
+def preprocess_image(path, info):
+    """Decode ``path`` (any size) and apply the recorded eval preprocessing -> float32 [3, S, S].
+    DataError naming the file if it cannot be decoded."""
+    from PIL import Image
+
+    from passl.data.transforms import CenterCrop, Normalize, ResizeShorter, Sample
+    try:
+        with Image.open(path) as img:
+            img.load()
+            image = img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 (any decoder failure means a bad file)
+        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+    size = info["crop_size"]
+    steps = [ResizeShorter(size, info["crop_pct"], info["interpolation"]), CenterCrop(size),
+             Normalize(info["mean"], info["std"])]
+    sample = Sample(image=image)
+    rng = np.random.default_rng(0)   # eval transforms draw nothing; the argument is required
+    for step in steps:
+        sample = step(sample, rng)
+    return sample.image
+
+
+def predict(model_dir, paths, topk=5, batch_size=16):
+    """Top-``topk`` predictions of each image. Returns (results, errors): results a list of
+    (path, [(class index, class name, probability)]) for the decodable images, errors a list of
+    DataError messages naming the files that could not be decoded."""
+    import paddle
+    import paddle.nn.functional as F
+    layer, info = load_exported(model_dir)
+    names = info["class_names"]
+    results, errors, ready = [], [], []
+
+    def flush():
+        if not ready:
+            return
+        with paddle.no_grad():
+            probs = F.softmax(layer(paddle.to_tensor(np.stack([r[1] for r in ready]))), axis=-1).numpy()
+        for (path, _), row in zip(ready, probs):
+            order = np.argsort(-row, kind="stable")[:min(topk, len(row))]
+            results.append((path, [(int(c), names[c], float(row[c])) for c in order]))
+        ready.clear()
+
+    for path in paths:
+        try:
+            ready.append((path, preprocess_image(path, info)))
+        except DataError as e:
+            errors.append(str(e))
+        if len(ready) >= batch_size:
+            flush()
+    flush()
+    return results, errors

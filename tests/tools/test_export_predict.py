@@ -1,0 +1,124 @@
+"""tools/export_model.py and tools/predict.py: the static model matches the eager one, any batch size
+and image size work, predictions are printed with class names, and a corrupt image is named."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXPORT = os.path.join(ROOT, "tools", "export_model.py")
+PREDICT = os.path.join(ROOT, "tools", "predict.py")
+CLASSES = ["ant", "bee", "cat"]
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny random LV-ViT (32 px, 3 classes) exported from a config with its own eval transforms."""
+    import paddle
+
+    import passl
+    tmp = tmp_path_factory.mktemp("export")
+    for name in CLASSES:
+        os.makedirs(tmp / "val" / name)
+        Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp / "val" / name / "a.png")
+    model_cfg = {"name": "LVViT", "img_size": 32, "num_classes": 3, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                 "stem": "pe4_2"}
+    cfg = {"model": model_cfg, "output_dir": str(tmp / "run"),
+           "data": {"val": {"dataset": {"name": "ImageFolder", "root": str(tmp / "val")},
+                            "transforms": [{"name": "ResizeShorter", "size": 32, "crop_pct": 0.8},
+                                           {"name": "CenterCrop", "size": 32},
+                                           {"name": "Normalize", "mean": MEAN, "std": STD}]}}}
+    with open(tmp / "tiny.yaml", "w") as f:
+        yaml.safe_dump(cfg, f)
+    paddle.seed(3)
+    model = passl.build_model(model_cfg)
+    # BN statistics away from their defaults, so that eval mode matters
+    for name, value in model.state_dict().items():
+        if name.endswith("_mean") or name.endswith("_variance"):
+            value.set_value(paddle.rand(value.shape) + (0.5 if name.endswith("_variance") else -0.5))
+    paddle.save(model.state_dict(), str(tmp / "w.pdparams"))
+    done = _run(EXPORT, "-c", str(tmp / "tiny.yaml"), "--load", str(tmp / "w.pdparams"), "--out", str(tmp / "out"))
+    assert done.returncode == 0, done.stderr
+    return tmp, model
+
+
+def test_exported_matches_eager_for_any_batch_size(exported):
+    import paddle
+
+    from passl.export import load_exported
+    tmp, model = exported
+    model.eval()
+    layer, info = load_exported(str(tmp / "out"))
+    for batch in (1, 5):
+        images = paddle.randn([batch, 3, 32, 32])
+        np.testing.assert_allclose(layer(images).numpy(), model(images).numpy(), atol=1e-5, rtol=0)
+
+
+def test_preprocess_json_records_the_config(exported):
+    tmp, _ = exported
+    with open(tmp / "out" / "preprocess.json") as f:
+        info = json.load(f)
+    assert info["resize_shorter"] == 40 and info["crop_size"] == 32 and info["crop_pct"] == 0.8
+    assert info["mean"] == MEAN and info["std"] == STD
+    assert info["class_names"] == CLASSES
+
+
+def test_preprocess_image_is_resize_shorter_crop_normalise(exported, tmp_path):
+    """Independent numpy/PIL reference: shorter side 40 bicubic, centre 32x32, (x/255 - mean)/std."""
+    from passl.export import preprocess_image
+    tmp, _ = exported
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (50, 90, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    with open(tmp / "out" / "preprocess.json") as f:
+        info = json.load(f)
+    got = preprocess_image(str(tmp_path / "x.png"), info)
+    resized = np.asarray(Image.fromarray(pixels).resize((72, 40), Image.BICUBIC), np.float32)  # 90*40/50 = 72
+    crop = resized[4:36, 20:52]
+    want = ((crop / 255.0 - np.array(MEAN)) / np.array(STD)).transpose(2, 0, 1)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_predict_prints_top_classes_and_names_a_corrupt_file(exported, tmp_path):
+    import paddle
+
+    from passl.export import preprocess_image
+    tmp, model = exported
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (300, 170, 3), dtype=np.uint8)).save(tmp_path / "big.jpg")
+    Image.fromarray(rng.integers(0, 256, (20, 25, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    done = _run(PREDICT, "--model", str(tmp / "out"), str(tmp_path / "big.jpg"), str(tmp_path / "small.png"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith("big.jpg") and lines[4].endswith("small.png")
+    # 3 classes -> 3 lines per image, each name once, the eager model's ranking and probabilities
+    with open(tmp / "out" / "preprocess.json") as f:
+        info = json.load(f)
+    model.eval()
+    image = paddle.to_tensor(preprocess_image(str(tmp_path / "big.jpg"), info)[None])
+    probs = paddle.nn.functional.softmax(model(image), -1).numpy()[0]
+    shown = [line.split() for line in lines[1:4]]
+    assert [s[1] for s in shown] == [CLASSES[i] for i in np.argsort(-probs)]
+    np.testing.assert_allclose([float(s[2].rstrip("%")) for s in shown], np.sort(probs)[::-1] * 100, atol=0.01)
+
+    done = _run(PREDICT, "--model", str(tmp / "out"), str(tmp_path / "small.png"), str(tmp_path / "broken.jpg"))
+    assert done.returncode == 2
+    assert "small.png" in done.stdout                  # the good image is still predicted
+    assert "broken.jpg" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    done = _run(PREDICT, "--model", str(tmp_path / "nothing"), str(tmp_path / "x.jpg"))
+    assert done.returncode == 2 and "export_model" in done.stderr

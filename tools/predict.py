@@ -1,0 +1,41 @@
+"""Print the top-5 classes of images with a model exported by tools/export_model.py.
+
+    python tools/predict.py --model output/export/lvvit_small photo.jpg scan.png ...
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+from passl.utils.cpu_threads import configure_cpu_threads  # noqa: E402
+
+configure_cpu_threads()
+
+from passl.utils import cli  # noqa: E402
+
+
+def build_parser():
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="folder written by tools/export_model.py")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...; any size)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from passl.errors import DataError
+    from passl.export import predict
+
+    results, errors = predict(args.model, args.images, args.topk, args.batch_size)
+    for path, top in results:
+        print(path)
+        for rank, (index, name, prob) in enumerate(top, 1):
+            print(f"  {rank}. {name:<24s} {prob:7.2%}  (class {index})")
+    if errors:
+        raise DataError(f"{len(errors)} of {len(args.images)} image(s) could not be read:\n  " + "\n  ".join(errors))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
