@@ -10,6 +10,7 @@ check_paddle()
 from passl.registry import (DATASETS, LABEL_STORES, LOSSES, LR_SCHEDULES, MODELS,  # noqa: E402
                             OPTIMIZERS, TRANSFORMS)
 from passl import models, losses, data, engine  # noqa: E402,F401  (fill the registries)
+from passl import annotate  # noqa: E402,F401  (registers the cnn_classifier annotator model)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,211 @@
+"""Dense label-map generation (SPEC 4): an annotator over every image of a folder.
+
+Every image is resized as a whole to ``image_size`` (so the maps have ``full`` coverage),
+normalised, and scored densely; each location keeps its top-K logits and class indices:
+``[2, K, h, w]`` float16 per image, keyed like the label stores (``<class_dir>/<stem>``).
+
+Resumable: a map is written to a temporary file and renamed, so a file that exists is complete,
+and a rerun skips it. Data-parallel: under ``paddle.distributed.launch`` rank r takes every
+world_size-th image of the sorted list. Stores: ``npy`` and ``pth`` (one file per image), ``packed``
+(maps are made as an npy tree in ``out_dir/parts`` and packed into ``out_dir`` at the end).
+"""
+import concurrent.futures
+import json
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+from passl.errors import ConfigError, DataError
+
+__all__ = ["list_images", "shard", "preprocess", "topk_label_maps", "generate_label_maps", "STORES", "INFO_FILE"]
+
+STORES = ("npy", "pth", "packed")
+INFO_FILE = "label_maps.json"
+_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+_INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def list_images(root, extensions=_EXTENSIONS):
+    """Sorted (store key, relative path) of every image below ``root``; key = relpath without extension."""
+    if not os.path.isdir(root):
+        raise DataError(f"image folder not found: {root}")
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in files:
+            if name.lower().endswith(extensions) and not name.startswith("."):
+                rel = os.path.relpath(os.path.join(directory, name), root).replace(os.sep, "/")
+                found.append((os.path.splitext(rel)[0], rel))
+    if not found:
+        raise DataError(f"no images ({', '.join(extensions)}) found below {root}")
+    keys = [k for k, _ in found]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
+        raise DataError(f"{root}: images that differ only in their extension share a label key: {dup}")
+    return sorted(found)
+
+
+def shard(items, rank, world_size):
+    """This rank's share of ``items``: every world_size-th item from position ``rank``."""
+    return items[rank::world_size]
+
+
+def preprocess(path, image_size, mean, std, interpolation="bilinear"):
+    """Decode ``path`` as RGB, resize the whole image to image_size = (W, H), normalise.
+    Returns float32 [3, H, W]; raises DataError naming the file if it cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize(tuple(image_size), _INTERPOLATIONS[interpolation])
+    except Exception as e:  # noqa: BLE001 (any decoder failure means a bad file)
+        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+    pixels = np.asarray(img, np.float32) / 255.0
+    return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1).copy()
+
+
+def topk_label_maps(logits, k=5):
+    """Dense logits [B, C, h, w] (paddle) -> label maps float16 [B, 2, K, h, w] (numpy):
+    ``[:, 0]`` the top-K logits per location (descending), ``[:, 1]`` their class indices as floats."""
+    import paddle
+    if logits.shape[1] < k:
+        raise ConfigError(f"topk {k} is more than the annotator's {logits.shape[1]} classes; lower --topk")
+    scores, classes = paddle.topk(logits.astype("float32"), k=k, axis=1)
+    return np.stack([scores.numpy(), classes.numpy().astype(np.float32)], axis=1).astype(np.float16)
+
+
+def _target(out_dir, store, key):
+    if store == "packed":
+        return os.path.join(out_dir, "parts", key + ".npy")
+    return os.path.join(out_dir, key + (".pth" if store == "pth" else ".npy"))
+
+
+def _write_atomic(path, label_map):
+    """Write one map to a temporary name in the same folder and rename it into place."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        if path.endswith(".pth"):
+            from passl.utils.pth_io import save_pth
+            save_pth(label_map, tmp)
+        else:
+            with open(tmp, "wb") as f:
+                np.save(f, label_map)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _batches(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _barrier(world_size):
+    if world_size > 1:
+        import paddle.distributed as dist
+        if not dist.is_initialized():
+            dist.init_parallel_env()
+        dist.barrier()
+
+
+def generate_label_maps(annotator, image_root, out_dir, image_size, mean=(0.485, 0.456, 0.406),
+                        std=(0.229, 0.224, 0.225), topk=5, store="npy", batch_size=32, num_workers=2,
+                        skip_bad_images=False, max_images=None, rank=0, world_size=1, interpolation="bilinear",
+                        progress=True, log=print):
+    """Write the label map of every image below ``image_root`` into ``out_dir``.
+
+    annotator: callable images [B, 3, H, W] (paddle, normalised) -> dense logits [B, C, h, w].
+    image_size: (W, H) every image is resized to. Maps already in ``out_dir`` are skipped.
+    skip_bad_images: an undecodable image is skipped, counted and listed; otherwise DataError names it.
+    max_images: write at most this many maps in this run (this rank), then stop (resume later).
+    Returns {"total", "written", "existing", "bad_images": [paths], "map_shape", "out_dir", "seconds"}.
+    """
+    import paddle
+    if store not in STORES:
+        raise ConfigError(f"label store '{store}' cannot be written; use one of {', '.join(STORES)}")
+    start = time.time()
+    items = list_images(image_root)
+    mine = shard(items, rank, world_size)
+    todo = [(k, rel) for k, rel in mine if not os.path.isfile(_target(out_dir, store, k))]
+    existing = len(mine) - len(todo)
+    if max_images is not None:
+        todo = todo[:max(0, int(max_images))]
+    os.makedirs(out_dir, exist_ok=True)
+    log(f"generate labels: {len(items)} images below {image_root}; rank {rank}/{world_size} has {len(mine)}, "
+        f"{existing} already done, {len(todo)} to write -> {out_dir} ({store})")
+    written, bad, map_shape = 0, [], None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="label maps", unit="img", dynamic_ncols=True, mininterval=1.0)
+
+    def load(item):
+        path = os.path.join(image_root, item[1])
+        try:
+            return preprocess(path, image_size, mean, std, interpolation)
+        except DataError as e:
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+        batches = list(_batches(todo, batch_size))
+        pending = pool.map(load, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            decoded = list(pending)
+            if i + 1 < len(batches):   # decode the next batch while this one runs
+                pending = pool.map(load, batches[i + 1])
+            good = []
+            for item, result in zip(batch, decoded):
+                if isinstance(result, DataError):
+                    if not skip_bad_images:
+                        raise DataError(f"{result}. Replace or remove the file, or pass --skip-bad-images "
+                                        "to skip such images (they are listed at the end)")
+                    bad.append(os.path.join(image_root, item[1]))
+                else:
+                    good.append((item, result))
+            if good:
+                images = paddle.to_tensor(np.stack([g[1] for g in good]))
+                maps = topk_label_maps(annotator(images), topk)
+                map_shape = list(maps.shape[1:])
+                for (key, _), label_map in zip([g[0] for g in good], maps):
+                    _write_atomic(_target(out_dir, store, key), label_map)
+                written += len(good)
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    done = existing + written + len(bad) == len(mine)
+    if store == "packed":
+        _barrier(world_size)
+        if rank == 0 and done:
+            _pack(out_dir, items, progress)
+    if rank == 0:
+        _write_info(out_dir, image_root, image_size, mean, std, topk, store, map_shape)
+    summary = {"total": len(items), "written": written, "existing": existing, "bad_images": bad,
+               "map_shape": map_shape, "out_dir": out_dir, "seconds": round(time.time() - start, 2),
+               "complete": done}
+    if bad:
+        log(f"skipped {len(bad)} undecodable image(s):\n  " + "\n  ".join(bad))
+    log(f"label maps: wrote {written}, kept {existing} already there, skipped {len(bad)} bad, "
+        f"{len(mine) - existing - written - len(bad)} left for a later run; shape {map_shape}, "
+        f"coverage full, in {summary['seconds']:.1f} s -> {out_dir}")
+    return summary
+
+
+def _pack(out_dir, items, progress):
+    from passl.data.label_maps import NpyLabelStore, pack_label_maps
+    parts = NpyLabelStore(os.path.join(out_dir, "parts"), coverage="full")
+    keys = [k for k, _ in items if k in parts]
+    pack_label_maps(parts, out_dir, keys=keys, progress=progress)
+
+
+def _write_info(out_dir, image_root, image_size, mean, std, topk, store, map_shape):
+    """out_dir/label_maps.json: how the maps were made (the pipeline needs coverage: full)."""
+    info = {"coverage": "full", "store": store, "image_root": os.path.abspath(image_root),
+            "image_size": list(image_size), "mean": list(mean), "std": list(std), "topk": topk,
+            "map_shape": map_shape, "dtype": "float16"}
+    tmp = os.path.join(out_dir, f".{INFO_FILE}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, INFO_FILE))
