@@ -1,0 +1,205 @@
+"""tools/generate_labels.py: dense label maps from CNN and LV-ViT annotators, checked against
+independent computations; resume after an interruption; bad images; stores; sharding."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, "tools", "generate_labels.py")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _folder(root, sizes=((50, 40), (33, 61), (80, 64), (40, 40), (64, 20), (45, 45), (70, 30))):
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        d = os.path.join(root, f"c{i % 3}")
+        os.makedirs(d, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            os.path.join(d, f"img{i}.{'png' if i % 2 else 'jpg'}"))
+    return root
+
+
+@pytest.fixture
+def small_cnn(tmp_path):
+    import paddle
+
+    from passl.annotate import SmallCNN
+    paddle.seed(0)
+    net = SmallCNN(num_classes=6, width=4)
+    net.eval()
+    path = str(tmp_path / "cnn.pdparams")
+    paddle.save(net.state_dict(), path)
+    return net, path
+
+
+def _annotator(path):
+    from passl.annotate import build_cnn_annotator
+    return build_cnn_annotator("small_cnn", 6, path, width=4)
+
+
+def _maps(root):
+    out = {}
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".npy") and not name.startswith("."):
+                out[os.path.relpath(os.path.join(directory, name), root)] = np.load(os.path.join(directory, name))
+    return out
+
+
+def _reference_maps(net, path, k):
+    """Top-k of the classifier as a 1x1 convolution over net.features, by numpy."""
+    import paddle
+
+    from passl.annotate import preprocess
+    image = paddle.to_tensor(preprocess(path, (40, 32), MEAN, STD)[None])
+    features = net.features(image).numpy()[0]                                    # [D, h, w]
+    logits = np.einsum("dhw,dc->chw", features, net.fc.weight.numpy()) + net.fc.bias.numpy()[:, None, None]
+    order = np.argsort(-logits, axis=0, kind="stable")[:k]
+    return np.take_along_axis(logits, order, 0), order
+
+
+def test_maps_have_the_spec_layout_and_match_a_1x1_conv_reference(tmp_path, small_cnn):
+    from passl.annotate import generate_label_maps
+    net, weights = small_cnn
+    images = _folder(str(tmp_path / "images"))
+    summary = generate_label_maps(_annotator(weights), images, str(tmp_path / "labels"), (40, 32), topk=3,
+                                  batch_size=3, progress=False, log=lambda *a: None)
+    maps = _maps(str(tmp_path / "labels"))
+    assert summary["written"] == 7 and len(maps) == 7
+    assert "c0/img0.npy" in maps and "c1/img1.npy" in maps     # key = relative path without extension
+    for rel, label_map in maps.items():
+        assert label_map.dtype == np.float16 and label_map.shape == (2, 3, 4, 5)   # 32x40 / stride 8
+        stem = os.path.join(images, rel[:-4])
+        source = stem + (".png" if os.path.exists(stem + ".png") else ".jpg")
+        scores, classes = _reference_maps(net, source, 3)
+        np.testing.assert_array_equal(label_map[1], classes.astype(np.float16))
+        np.testing.assert_allclose(label_map[0].astype(np.float32), scores, rtol=2e-3, atol=2e-3)
+
+
+def test_resumed_run_writes_the_same_maps_as_an_uninterrupted_one(tmp_path, small_cnn):
+    from passl.annotate import generate_label_maps
+    _, weights = small_cnn
+    images = _folder(str(tmp_path / "images"))
+    quiet = dict(topk=3, batch_size=2, progress=False, log=lambda *a: None)
+    generate_label_maps(_annotator(weights), images, str(tmp_path / "once"), (40, 32), **quiet)
+    # interrupted: 3 maps written, then a crash left a temporary file behind
+    resumed = str(tmp_path / "resumed")
+    first = generate_label_maps(_annotator(weights), images, resumed, (40, 32), max_images=3, **quiet)
+    assert first["written"] == 3 and not first["complete"] and len(_maps(resumed)) == 3
+    os.makedirs(os.path.join(resumed, "c2"), exist_ok=True)
+    with open(os.path.join(resumed, "c2", ".img2.npy.tmp999"), "wb") as f:
+        f.write(b"half a file")
+    second = generate_label_maps(_annotator(weights), images, resumed, (40, 32), **quiet)
+    assert second["existing"] == 3 and second["written"] == 4 and second["complete"]
+    once, again = _maps(str(tmp_path / "once")), _maps(resumed)
+    assert sorted(once) == sorted(again)
+    for key in once:
+        np.testing.assert_array_equal(once[key], again[key])
+    # the label store sees exactly the 7 maps (the leftover temporary file is not a map)
+    from passl.data.label_maps import NpyLabelStore
+    assert len(NpyLabelStore(resumed, coverage="full").keys()) == 7
+
+
+def test_ranks_share_the_images_and_together_write_everything(tmp_path, small_cnn):
+    from passl.annotate import generate_label_maps, shard
+    assert shard(list(range(7)), 0, 2) == [0, 2, 4, 6] and shard(list(range(7)), 1, 2) == [1, 3, 5]
+    _, weights = small_cnn
+    images = _folder(str(tmp_path / "images"))
+    quiet = dict(topk=3, batch_size=4, progress=False, log=lambda *a: None)
+    counts = [generate_label_maps(_annotator(weights), images, str(tmp_path / "split"), (40, 32), rank=r,
+                                  world_size=2, **quiet)["written"] for r in (0, 1)]
+    assert counts == [4, 3]
+    generate_label_maps(_annotator(weights), images, str(tmp_path / "one"), (40, 32), **quiet)
+    one, split = _maps(str(tmp_path / "one")), _maps(str(tmp_path / "split"))
+    assert sorted(one) == sorted(split)
+    for key in one:
+        np.testing.assert_array_equal(one[key], split[key])
+
+
+def test_undecodable_image_is_named_and_skipped_only_when_asked(tmp_path, small_cnn):
+    from passl.annotate import generate_label_maps
+    from passl.errors import DataError
+    _, weights = small_cnn
+    images = _folder(str(tmp_path / "images"))
+    bad = os.path.join(images, "c1", "broken.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8\xff not an image")
+    quiet = dict(topk=3, batch_size=4, progress=False, log=lambda *a: None)
+    with pytest.raises(DataError, match="broken.jpg"):
+        generate_label_maps(_annotator(weights), images, str(tmp_path / "a"), (40, 32), **quiet)
+    lines = []
+    summary = generate_label_maps(_annotator(weights), images, str(tmp_path / "b"), (40, 32), skip_bad_images=True,
+                                  topk=3, batch_size=4, progress=False, log=lines.append)
+    assert summary["bad_images"] == [bad] and summary["written"] == 7 and summary["complete"]
+    assert any("skipped 1 undecodable" in line and "broken.jpg" in line for line in lines)
+
+
+def _tool(*args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=env)
+
+
+def test_cli_packed_store_and_bad_image_exit(tmp_path, small_cnn):
+    from passl.data.label_maps import NpyLabelStore, PackedLabelStore
+    _, weights = small_cnn
+    images = _folder(str(tmp_path / "images"))
+    common = ["--images", images, "--arch", "small_cnn", "--num-classes", "6", "--width", "4", "--weights", weights,
+              "--image-size", "40", "32", "--topk", "3", "--no-progress"]
+    done = _tool(*common, "--out", str(tmp_path / "npy"))
+    assert done.returncode == 0, done.stderr
+    done = _tool(*common, "--out", str(tmp_path / "packed"), "--store", "packed")
+    assert done.returncode == 0, done.stderr
+    npy, packed = NpyLabelStore(str(tmp_path / "npy"), coverage="full"), PackedLabelStore(str(tmp_path / "packed"))
+    assert packed.coverage == "full" and packed.keys() == npy.keys() and len(npy.keys()) == 7
+    for key in npy.keys():
+        np.testing.assert_array_equal(packed.load(key, dtype=None), npy.load(key, dtype=None))
+    with open(os.path.join(images, "c0", "zz_bad.png"), "wb") as f:
+        f.write(b"garbage")
+    done = _tool(*common, "--out", str(tmp_path / "bad"))
+    assert done.returncode == 2 and "zz_bad.png" in done.stderr and "--skip-bad-images" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _tool(*common, "--out", str(tmp_path / "bad"), "--skip-bad-images")
+    assert done.returncode == 0 and "zz_bad.png" in done.stdout
+
+
+def test_resnet_annotator_holds_all_logits_whose_mean_is_the_classifier_output(tmp_path):
+    """With K = C the map keeps every logit; average pooling then the fc equals the fc then the mean."""
+    import paddle
+
+    from passl.annotate import CNNAnnotator, build_cnn, topk_label_maps
+    paddle.seed(1)
+    net = build_cnn("resnet18", num_classes=4)
+    annotator = CNNAnnotator(net, "resnet18")
+    images = paddle.randn([2, 3, 96, 64])
+    maps = topk_label_maps(annotator(images), k=4)                 # [2, 2, 4, 3, 2]
+    assert maps.shape == (2, 2, 4, 3, 2)
+    full = np.zeros((2, 4, 3, 2), np.float32)
+    np.put_along_axis(full, maps[:, 1].astype(np.int64), maps[:, 0].astype(np.float32), axis=1)
+    np.testing.assert_allclose(full.mean((2, 3)), net(images).numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_lvvit_annotator_is_the_aux_head_on_each_token(tmp_path):
+    import paddle
+
+    import passl
+    from passl.annotate import build_lvvit_annotator, topk_label_maps
+    cfg = {"name": "LVViT", "img_size": 32, "num_classes": 5, "embed_dim": 32, "depth": 2, "num_heads": 2,
+           "stem": "patch16"}
+    paddle.seed(2)
+    model = passl.build_model(cfg)
+    paddle.save(model.state_dict(), str(tmp_path / "v.pdparams"))
+    annotator = build_lvvit_annotator(cfg, str(tmp_path / "v.pdparams"))
+    images = paddle.randn([3, 3, 32, 32])
+    maps = topk_label_maps(annotator(images), k=2)                 # [3, 2, 2, 2, 2]
+    model.eval()
+    tokens = model.forward_dense_maps(images, apply_norm=True)[0]   # [3, 32, 2, 2]
+    aux = np.einsum("bdhw,dc->bchw", tokens.numpy(), model.aux_head.weight.numpy()) \
+        + model.aux_head.bias.numpy()[:, None, None]
+    order = np.argsort(-aux, axis=1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(maps[:, 1], order.astype(np.float16))
+    np.testing.assert_allclose(maps[:, 0].astype(np.float32), np.take_along_axis(aux, order, 1), rtol=2e-3, atol=2e-3)
