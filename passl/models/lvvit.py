@@ -104,7 +104,7 @@ class DropPath(nn.Layer):
             return x
         keep = 1.0 - self.p
         mask = paddle.floor(keep + paddle.rand([x.shape[0]] + [1] * (x.ndim - 1), dtype="float32"))
-        return x / keep * mask.astype(x.dtype)
+        return x * (mask / keep).astype(x.dtype)   # scale the [B, 1, ...] mask, not x: one pass over x
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -168,8 +168,12 @@ class Block(nn.Layer):
 
     def forward(self, x):
         """x: [B, T, D] -> [B, T, D]"""
-        x = x + self.drop_path(self.attn(self.norm1(x))) / self.skip_lam
-        return x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
+        x = x + self._scaled(self.drop_path(self.attn(self.norm1(x))))
+        return x + self._scaled(self.drop_path(self.mlp(self.norm2(x))))
+
+    def _scaled(self, branch):
+        # skip_lam 1 (LV-ViT-T) would cost a full elementwise pass forward and backward for nothing
+        return branch if self.skip_lam == 1.0 else branch / self.skip_lam
 
 
 # ---------------------------------------------------------------------------------------------
