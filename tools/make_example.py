@@ -1,7 +1,7 @@
 """Build the offline example dataset: scenes of real handwritten digits in an ImageNet-layout folder.
 
-    python tools/make_example.py --out data/digit_scenes [--seed 0] [--train-per-class 100]
-                                 [--val-per-class 30] [--image-size 80 64] [--force]
+    python tools/make_example.py --out data/digit_scenes [--seed 0] [--train-per-class 300]
+                                 [--val-per-class 50] [--image-size 80 64] [--force]
 
 The digits are scikit-learn's bundled copy of the UCI handwritten digits (pip install -e .[example]);
 nothing is downloaded. Running it again with the same arguments finds the dataset and exits at once.
@@ -18,13 +18,17 @@ from passl.utils import cli  # noqa: E402
 
 
 def build_parser():
+    from passl.data import digit_scenes
+
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--out", default="data/digit_scenes", help="dataset folder to create")
     p.add_argument("--seed", type=int, default=0, help="every image is a function of this seed")
-    p.add_argument("--train-per-class", type=int, default=100, help="training scenes per class (10 classes)")
-    p.add_argument("--val-per-class", type=int, default=30, help="validation scenes per class")
-    p.add_argument("--image-size", type=int, nargs=2, default=[80, 64], metavar=("W", "H"),
-                   help="scene width and height in pixels")
+    p.add_argument("--train-per-class", type=int, default=digit_scenes.DEFAULT_TRAIN_PER_CLASS,
+                   help="training scenes per class (10 classes)")
+    p.add_argument("--val-per-class", type=int, default=digit_scenes.DEFAULT_VAL_PER_CLASS,
+                   help="validation scenes per class")
+    p.add_argument("--image-size", type=int, nargs=2, default=list(digit_scenes.DEFAULT_IMAGE_SIZE),
+                   metavar=("W", "H"), help="scene width and height in pixels")
     p.add_argument("--force", action="store_true", help="replace a different dataset already at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -36,6 +36,11 @@ SOURCE = ("sklearn.datasets.load_digits: UCI optical recognition of handwritten 
           "1797 grayscale 8x8 images bundled with scikit-learn")
 # Bump when the drawing changes, so that an old folder is not mistaken for the same dataset.
 GENERATOR_VERSION = 2
+# 3000 training scenes: at equal compute a small CNN reached 57% val top-1 on 3000 distinct scenes and
+# 18% on 1000 (it memorises those); building them takes seconds. 500 val scenes: +-2% resolution.
+DEFAULT_TRAIN_PER_CLASS = 300
+DEFAULT_VAL_PER_CLASS = 50
+DEFAULT_IMAGE_SIZE = (80, 64)  # (width, height): non-square, and 64 high so 64-px crops keep most of it
 VAL_SOURCE_FRACTION = 0.25     # of each class's source digits, kept for val only
 MAIN_SIZE_FRAC = (0.45, 0.62)  # main digit height as a fraction of the scene height (29-40 px at 64)
 DISTRACTOR_SIZE_FRAC = (0.19, 0.31)  # (12-20 px at 64)
@@ -279,8 +284,8 @@ def _existing_is_same(out_dir, params, force):
                     f"or choose another --out")
 
 
-def build_digit_scenes(out_dir, train_per_class=100, val_per_class=30, image_size=(80, 64), seed=0,
-                       force=False, log=print, progress=True):
+def build_digit_scenes(out_dir, train_per_class=DEFAULT_TRAIN_PER_CLASS, val_per_class=DEFAULT_VAL_PER_CLASS,
+                       image_size=DEFAULT_IMAGE_SIZE, seed=0, force=False, log=print, progress=True):
     """Build the digit-scene example under out_dir (see the module docstring for the layout).
 
     image_size: (width, height) of every scene in pixels. The folder is built next to out_dir and renamed
