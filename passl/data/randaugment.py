@@ -188,9 +188,12 @@ class RandAugment(Transform):
                 steps.append((name, level, inverse, pil_interpolation(self.interpolation, rng)))
             else:
                 steps.append((name, level, None, None))
-        windows = self._windows(sample, steps) if self.crop_window else None
+        windows, precrop = self._windows(sample, steps) if self.crop_window else (None, None)
         image, origin = sample.image, (0, 0)
         for index, (name, level, inverse, resample) in enumerate(steps):
+            if precrop is not None and index == precrop[0]:
+                # colour ops from here on only need the crop's neighbourhood (point ops, Sharpness +2 px)
+                image, origin = image.crop(precrop[1]), precrop[1][:2]
             if inverse is None:
                 image = COLOR_OPS[name](image, level, rng)
                 continue
@@ -214,19 +217,19 @@ class RandAugment(Transform):
     def _windows(self, sample, steps):
         """Per step, the full-image pixel box its output must cover so that a planned crop comes out
         exactly as if every op had run on the whole image; None where a step runs on the whole image.
+        Also ``precrop``: None, or (step index, box) when that step is a colour op and the image can be
+        cut to ``box`` before it.
 
-        Only from the first geometric op on, and only when no op after it needs whole-image
-        statistics (AutoContrast, Equalize, Contrast). Boxes grow backwards through each op: a
-        geometric op needs the bounding box of its output's source points (+3 px for bicubic),
-        Sharpness +2 px (3x3 filter), and the crop's resize filter needs 2 x its scale factor.
+        Only after the last op that needs whole-image statistics (AutoContrast, Equalize, Contrast).
+        Boxes grow backwards through each op: a geometric op needs the bounding box of its output's
+        source points (+3 px for bicubic), Sharpness +2 px (3x3 filter), and the crop's resize filter
+        needs 2 x its scale factor.
         """
         plan = sample.plans.get("crop")
-        geometric = [i for i, step in enumerate(steps) if step[2] is not None]
-        if plan is None or not geometric:
-            return None
-        first = geometric[0]
-        if any(step[0] in _GLOBAL_OPS for step in steps[first:]):
-            return None
+        global_ops = [i for i, step in enumerate(steps) if step[0] in _GLOBAL_OPS]
+        first = global_ops[-1] + 1 if global_ops else 0
+        if plan is None or first >= len(steps):
+            return None, None
         width, height = sample.image.size
         box, out_size = plan
         x0, y0, x1, y1 = sample.pixels_from_view(box)
@@ -244,9 +247,13 @@ class RandAugment(Transform):
                 window = (min(xs) - 3, min(ys) - 3, max(xs) + 3, max(ys) + 3)
             elif name.startswith("Sharpness"):
                 window = (window[0] - 2, window[1] - 2, window[2] + 2, window[3] + 2)
-        if windows[first] == (0, 0, width, height):
-            return None
-        return windows
+        precrop = None
+        if steps[first][2] is None:   # a colour op: cut the image to the input it needs
+            box = _clip_box(window, width, height)
+            precrop = (first, box) if box != (0, 0, width, height) else None
+        if windows[first] == (0, 0, width, height) and precrop is None:
+            return None, None
+        return windows, precrop
 
 
 def _clip_box(box, width, height):
