@@ -20,7 +20,7 @@ from passl.utils.cpu_threads import configure_cpu_threads  # noqa: E402
 THREAD_ENV = configure_cpu_threads()   # before paddle is imported anywhere
 
 __all__ = ["REPO", "select_device", "time_repeats", "summarize", "peak_rss_mb", "device_peak_mb",
-           "reset_device_peak", "environment", "emit", "add_common_args", "add_model_args", "resolve_model_cfg"]
+           "reset_device_peak", "environment", "emit", "load_average", "add_common_args", "add_model_args", "resolve_model_cfg"]
 
 
 def add_common_args(parser):
@@ -80,25 +80,40 @@ def synchronize(device):
         paddle.device.cuda.synchronize()
 
 
-def time_repeats(fn, warmup, repeats, device="cpu", progress=None):
-    """Call ``fn()`` warmup + repeats times; returns the seconds of each timed call (list of float)."""
+def time_repeats(fn, warmup, repeats, device="cpu", progress=None, cpu_times=None):
+    """Call ``fn()`` warmup + repeats times; returns the wall seconds of each timed call (list of float).
+    ``cpu_times``: a list that receives the process CPU seconds of each timed call (all threads; on a
+    shared machine it moves less than wall time, but counts threads that spin while waiting)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - cpu)
         if progress is not None:
             progress.update(1)
     return times
 
 
-def summarize(times):
-    """{'median_s', 'min_s', 'max_s', 'repeats'} of a list of seconds."""
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+def summarize(times, cpu_times=None):
+    """{'median_s', 'min_s', 'max_s', 'repeats'} of a list of seconds (+ 'cpu_median_s')."""
+    out = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+    if cpu_times:
+        out["cpu_median_s"] = statistics.median(cpu_times)
+    return out
+
+
+def load_average():
+    """1-minute load average (other work on the machine skews timings), None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def peak_rss_mb():
@@ -127,15 +142,7 @@ def environment(device):
     return {"paddle": paddle.__version__, "python": platform.python_version(), "device": device,
             "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
-            "paddle_threads": _paddle_threads(), "machine": platform.machine()}
-
-
-def _paddle_threads():
-    try:
-        import paddle
-        return paddle.get_num_threads() if hasattr(paddle, "get_num_threads") else None
-    except Exception:  # noqa: BLE001 (informational only)
-        return None
+            "machine": platform.machine(), "load_average": load_average()}
 
 
 def emit(result, json_out=None):

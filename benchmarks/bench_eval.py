@@ -80,9 +80,10 @@ def main(argv=None):
 
             bar = tqdm(total=args.repeats, desc=f"eval {mode}", file=sys.stderr, leave=False,
                        disable=not sys.stderr.isatty())
-            times = _common.time_repeats(forward, args.warmup, args.repeats, device, bar)
+            cpu_times = []
+            times = _common.time_repeats(forward, args.warmup, args.repeats, device, bar, cpu_times)
             bar.close()
-            timing = _common.summarize(times)
+            timing = _common.summarize(times, cpu_times)
             results[mode] = {"images_per_s": args.batch_size / timing["median_s"],
                              "batch_ms": 1000 * timing["median_s"], "timing": timing,
                              "gpu_max_allocated_mb": _common.device_peak_mb(device), **extra}

@@ -115,12 +115,13 @@ def main(argv=None):
     _common.reset_device_peak(device)
     bar = tqdm(total=args.repeats, desc=f"train {model_cfg['name']} b{args.batch_size}", file=sys.stderr,
                leave=False, disable=not sys.stderr.isatty())
-    times = _common.time_repeats(step, args.warmup, args.repeats, device, bar)
+    cpu_times = []
+    times = _common.time_repeats(step, args.warmup, args.repeats, device, bar, cpu_times)
     bar.close()
     if args.profile:
         profile_steps(step, device)
     loss_value = float(last["loss"])
-    timing = _common.summarize(times)
+    timing = _common.summarize(times, cpu_times)
     result = {
         "benchmark": "train", "model": model_cfg["name"], "img_size": img_size, "batch_size": args.batch_size,
         "num_classes": model.num_classes,
