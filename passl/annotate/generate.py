@@ -135,7 +135,8 @@ def generate_label_maps(annotator, image_root, out_dir, image_size, mean=(0.485,
     os.makedirs(out_dir, exist_ok=True)
     log(f"generate labels: {len(items)} images below {image_root}; rank {rank}/{world_size} has {len(mine)}, "
         f"{existing} already done, {len(todo)} to write -> {out_dir} ({store})")
-    written, bad, map_shape = 0, [], None
+    previous = _check_previous_run(out_dir, image_size, mean, std, topk, store)
+    written, bad, map_shape = 0, [], previous.get("map_shape")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -198,6 +199,22 @@ def _pack(out_dir, items, progress):
     parts = NpyLabelStore(os.path.join(out_dir, "parts"), coverage="full")
     keys = [k for k, _ in items if k in parts]
     pack_label_maps(parts, out_dir, keys=keys, progress=progress)
+
+
+def _check_previous_run(out_dir, image_size, mean, std, topk, store):
+    """The info of the run that wrote ``out_dir`` before ({} if none); refuse to mix maps made differently."""
+    path = os.path.join(out_dir, INFO_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    now = {"image_size": list(image_size), "mean": list(mean), "std": list(std), "topk": topk, "store": store}
+    differ = [k for k, v in now.items() if k in info and info[k] != v]
+    if differ:
+        raise DataError(f"{path}: the maps already in {out_dir} were made with other settings ("
+                        + ", ".join(f"{k} {info[k]} != {now[k]}" for k in differ)
+                        + "); use another --out, or the same settings to complete that run")
+    return info
 
 
 def _write_info(out_dir, image_root, image_size, mean, std, topk, store, map_shape):

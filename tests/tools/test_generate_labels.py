@@ -203,3 +203,25 @@ def test_lvvit_annotator_is_the_aux_head_on_each_token(tmp_path):
     order = np.argsort(-aux, axis=1, kind="stable")[:, :2]
     np.testing.assert_array_equal(maps[:, 1], order.astype(np.float16))
     np.testing.assert_allclose(maps[:, 0].astype(np.float32), np.take_along_axis(aux, order, 1), rtol=2e-3, atol=2e-3)
+
+
+def test_a_finished_run_rerun_keeps_its_record_and_other_settings_are_refused(tmp_path, small_cnn):
+    import json
+
+    from passl.annotate import generate_label_maps
+    from passl.errors import DataError
+    _, weights = small_cnn
+    images, out = _folder(str(tmp_path / "images")), str(tmp_path / "labels")
+    quiet = dict(batch_size=4, progress=False, log=lambda *a: None)
+    generate_label_maps(_annotator(weights), images, out, (40, 32), topk=3, **quiet)
+    again = generate_label_maps(_annotator(weights), images, out, (40, 32), topk=3, **quiet)
+    assert again["written"] == 0 and again["existing"] == 7 and again["map_shape"] == [2, 3, 4, 5]
+    with open(os.path.join(out, "label_maps.json")) as f:
+        assert json.load(f)["map_shape"] == [2, 3, 4, 5]
+    before = _maps(out)
+    with pytest.raises(DataError, match="image_size \\[40, 32\\] != \\[48, 32\\].*another --out"):
+        generate_label_maps(_annotator(weights), images, out, (48, 32), topk=3, **quiet)
+    with pytest.raises(DataError, match="topk 3 != 2"):
+        generate_label_maps(_annotator(weights), images, out, (40, 32), topk=2, **quiet)
+    after = _maps(out)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
