@@ -31,10 +31,12 @@ def cpu_vendor():
 def configure_cpu_threads(environ=None):
     """Fill in OMP_NUM_THREADS (and MKL_DEBUG_CPU_TYPE on AMD) unless set. Returns what it set.
 
-    Has no effect on the math libraries if paddle is already imported; call it first.
+    Also GLOG_minloglevel=2: Paddle's C++ INFO and WARNING lines ("New Executor is Running", ...)
+    would otherwise interleave with the tools' progress output; errors are still printed.
+    Has no effect if paddle is already imported; call it first.
     """
     environ = os.environ if environ is None else environ
-    wanted = {"OMP_NUM_THREADS": str(available_cores())}
+    wanted = {"OMP_NUM_THREADS": str(available_cores()), "GLOG_minloglevel": "2"}
     if cpu_vendor() == "AuthenticAMD":
         wanted["MKL_DEBUG_CPU_TYPE"] = "5"
     applied = {}
