@@ -12,12 +12,12 @@ import copy
 import inspect
 import os
 import re
-import tempfile
 
 import yaml
 
 from passl.errors import ConfigError
 from passl.registry import REGISTRIES, suggest
+from passl.utils.fileio import write_text
 
 __all__ = ["load_config", "apply_overrides", "validate", "dump_config", "get_by_path",
            "DEFAULTS", "Choice", "Optional", "Built", "ListOf"]
@@ -402,19 +402,7 @@ def load_config(path, overrides=()):
 
 def dump_config(cfg, path):
     """Write ``cfg`` as YAML atomically; ``load_config(path)`` gives ``cfg`` back."""
-    text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return write_text(path, to_yaml(cfg))
 
 
 def to_yaml(cfg):

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from passl.utils.fileio import write_text
 from passl.errors import ConfigError, DataError
 
 __all__ = ["export_model", "eval_preprocessing", "load_exported", "preprocess_image", "predict", "PREPROCESS_FILE",
@@ -100,10 +101,7 @@ def export_model(cfg, weights, out_dir, class_names=None):
     paddle.jit.save(static, prefix)
     info = {**preprocessing, "model": cfg["model"], "weights": os.path.abspath(weights),
             "class_names": _class_names(cfg, model.num_classes, class_names)}
-    tmp = os.path.join(out_dir, f".{PREPROCESS_FILE}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, PREPROCESS_FILE))
+    write_text(os.path.join(out_dir, PREPROCESS_FILE), json.dumps(info, indent=1))
     return model, prefix, info
 
 

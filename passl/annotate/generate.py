@@ -17,6 +17,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from passl.utils.fileio import atomic_path, write_text
 from passl.errors import ConfigError, DataError
 
 __all__ = ["list_images", "shard", "preprocess", "topk_label_maps", "generate_label_maps", "STORES", "INFO_FILE"]
@@ -81,20 +82,13 @@ def _target(out_dir, store, key):
 
 
 def _write_atomic(path, label_map):
-    """Write one map to a temporary name in the same folder and rename it into place."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        if path.endswith(".pth"):
-            from passl.utils.pth_io import save_pth
-            save_pth(label_map, tmp)
-        else:
-            with open(tmp, "wb") as f:
-                np.save(f, label_map)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write one map whole or not at all (an interrupted run leaves no half file to skip later)."""
+    if path.endswith(".pth"):
+        from passl.utils.pth_io import save_pth
+        save_pth(label_map, path)
+    else:
+        with atomic_path(path) as tmp:
+            np.save(tmp, label_map)
 
 
 def _batches(items, size):
@@ -222,7 +216,4 @@ def _write_info(out_dir, image_root, image_size, mean, std, topk, store, map_sha
     info = {"coverage": "full", "store": store, "image_root": os.path.abspath(image_root),
             "image_size": list(image_size), "mean": list(mean), "std": list(std), "topk": topk,
             "map_shape": map_shape, "dtype": "float16"}
-    tmp = os.path.join(out_dir, f".{INFO_FILE}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, INFO_FILE))
+    write_text(os.path.join(out_dir, INFO_FILE), json.dumps(info, indent=1))

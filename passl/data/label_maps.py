@@ -16,10 +16,10 @@ Stores (registered in LABEL_STORES):
 """
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from passl.utils.fileio import atomic_path, write_text
 from passl.errors import DataError
 from passl.registry import LABEL_STORES
 
@@ -260,10 +260,7 @@ def pack_label_maps(store, out_dir, keys=None, dtype=None, progress=True):
     first = store.load(keys[0], dtype=None)
     shape = tuple(first.shape)
     dtype = first.dtype if dtype is None else dtype
-    fd, tmp_data = tempfile.mkstemp(dir=out_dir, prefix=".labels.", suffix=".npy.tmp")
-    os.close(fd)
-    tmp_index = None
-    try:
+    with atomic_path(os.path.join(out_dir, PACKED_DATA)) as tmp_data:
         out = np.lib.format.open_memmap(tmp_data, mode="w+", dtype=np.dtype(dtype), shape=(len(keys),) + shape)
         rows = enumerate(keys)
         for row, key in (_progress(rows, len(keys), "pack") if progress else rows):
@@ -274,16 +271,10 @@ def pack_label_maps(store, out_dir, keys=None, dtype=None, progress=True):
             out[row] = array
         out.flush()
         del out
-        fd, tmp_index = tempfile.mkstemp(dir=out_dir, prefix=".index.", suffix=".json.tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"format": PACKED_FORMAT, "version": 1, "coverage": store.coverage, "shape": list(shape),
-                       "dtype": np.dtype(dtype).name, "keys": keys}, f)
-        os.replace(tmp_data, os.path.join(out_dir, PACKED_DATA))
-        os.replace(tmp_index, os.path.join(out_dir, PACKED_INDEX))
-    finally:
-        for tmp in (tmp_data, tmp_index):
-            if tmp and os.path.exists(tmp):
-                os.remove(tmp)
+    # the index goes into place last: an index always describes a complete data file
+    write_text(os.path.join(out_dir, PACKED_INDEX), json.dumps(
+        {"format": PACKED_FORMAT, "version": 1, "coverage": store.coverage, "shape": list(shape),
+         "dtype": np.dtype(dtype).name, "keys": keys}))
     return len(keys), shape
 
 
@@ -296,9 +287,6 @@ def write_npy_tree(store, out_dir, keys=None, progress=True):
         array = store.load(key, dtype=None)
         if array.dtype not in (np.float16, np.float32):
             array = array.astype(np.float32)
-        target = os.path.join(out_dir, key + ".npy")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.tmp{os.getpid()}.npy"
-        np.save(tmp, array)
-        os.replace(tmp, target)
+        with atomic_path(os.path.join(out_dir, key + ".npy")) as tmp:
+            np.save(tmp, array)
     return len(keys)

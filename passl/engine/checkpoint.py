@@ -15,11 +15,11 @@ import os
 import random
 import re
 import shutil
-import tempfile
 
 import numpy as np
 import paddle
 
+from passl.utils.fileio import atomic_path
 from passl.errors import CheckpointError
 
 __all__ = ["atomic_save", "load_file", "CheckpointManager", "find_latest", "optimizer_state_by_names",
@@ -30,35 +30,19 @@ SEP = "/"   # between a structured parameter name and an accumulator suffix
 
 def atomic_save(obj, path):
     """``paddle.save(obj, path)`` through a temporary file in the same directory and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         paddle.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
 def _atomic_link(src, dst):
     """Make ``dst`` a hard link (or, failing that, a copy) of ``src``, atomically."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)), prefix="." + os.path.basename(dst),
-                               suffix=".tmp")
-    os.close(fd)
-    os.remove(tmp)
-    try:
+    with atomic_path(dst) as tmp:
+        os.remove(tmp)
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_file(path):

@@ -8,11 +8,11 @@ size with ``allow_new_head``), and each exception is logged.
 """
 import collections
 import os
-import tempfile
 
 import numpy as np
 import paddle
 
+from passl.utils.fileio import atomic_path
 from passl.errors import CheckpointError
 from passl.models.lvvit import VARIANTS
 from passl.models.pos_embed import grid_of, resize_pos_embed
@@ -221,15 +221,6 @@ def convert_checkpoint(src, dst, ema=False, img_size=None, force=False, log=prin
             f"({img_size // patch}x{img_size // patch})")
         size = img_size
     num_classes = int(weights["head.bias"].shape[0]) if "head.bias" in weights else None
-    directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".convert.", suffix=".pdparams.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         paddle.save({k: paddle.to_tensor(v) for k, v in weights.items()}, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return {"variant": variant, "img_size": size, "num_classes": num_classes, "keys": len(weights), "dst": dst}

@@ -23,6 +23,7 @@ import zipfile
 
 import numpy as np
 
+from passl.utils.fileio import atomic_path
 from passl.errors import CheckpointError
 
 __all__ = ["load_pth", "save_pth", "UnknownObject"]
@@ -391,18 +392,11 @@ def save_pth(obj, path):
     buf = io.BytesIO()
     _Pickler(buf).dump(prepared)
     prefix = "archive"
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             _write_record(zf, f"{prefix}/data.pkl", buf.getvalue())
             _write_record(zf, f"{prefix}/byteorder", b"little")
             for storage in arrays:
                 _write_record(zf, f"{prefix}/data/{storage.key}", storage.array.tobytes())
             _write_record(zf, f"{prefix}/version", b"3\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
