@@ -15,8 +15,13 @@ import random
 import numpy as np
 import paddle
 
+from passl.errors import DataError, PasslError
+
 __all__ = ["ResumableDistributedBatchSampler", "SeededItems", "WorkerSeeder", "Loader", "build_loader",
            "sample_seed"]
+
+
+_ERROR_KEY = "_loader_error"
 
 
 def sample_seed(seed, epoch, position):
@@ -88,7 +93,31 @@ class SeededItems(paddle.io.Dataset):
         index, seed = key
         random.seed(seed)
         np.random.seed(seed)
-        return self.dataset[index]
+        try:
+            return self.dataset[index]
+        except PasslError as e:   # raised in a worker it would reach the trainer without its message
+            return _ItemError(str(e))
+
+
+class _ItemError:
+    """A sample that could not be loaded; ``_Collate`` turns it into an error field of the batch."""
+
+    def __init__(self, message):
+        self.message = message
+
+
+class _Collate:
+    """``collate_fn`` that passes a failed sample's message through the loader as a uint8 field, so that
+    ``Loader`` raises it, with the file name, in the training process (from workers or not)."""
+
+    def __init__(self, collate_fn):
+        self.collate_fn = collate_fn
+
+    def __call__(self, items):
+        failed = [item for item in items if isinstance(item, _ItemError)]
+        if failed:
+            return {_ERROR_KEY: np.frombuffer(failed[0].message.encode("utf-8"), dtype=np.uint8)}
+        return self.collate_fn(items)
 
 
 class WorkerSeeder:
@@ -116,13 +145,17 @@ class Loader:
     def __init__(self, dataset, batch_size, collate_fn, num_workers=0, shuffle=False, drop_last=False,
                  seed=0, rank=0, world_size=1):
         self.dataset = dataset
+        self.items = SeededItems(dataset)
+        self.collate_fn = _Collate(collate_fn)
         self.sampler = ResumableDistributedBatchSampler(len(dataset), batch_size, world_size, rank,
                                                         shuffle=shuffle, drop_last=drop_last, seed=seed)
         self.seeder = WorkerSeeder(seed, rank)
-        self.loader = paddle.io.DataLoader(SeededItems(dataset), batch_sampler=self.sampler,
-                                           collate_fn=collate_fn, num_workers=num_workers,
-                                           worker_init_fn=self.seeder if num_workers else None,
-                                           return_list=True)
+        # Without workers, batches are loaded in this thread: Paddle's single-process DataLoader reads
+        # in a background thread and, when the dataset raises (a corrupt image, a missing label map),
+        # the error dies with that thread and the caller waits forever.
+        self.loader = paddle.io.DataLoader(self.items, batch_sampler=self.sampler, collate_fn=self.collate_fn,
+                                           num_workers=num_workers, worker_init_fn=self.seeder,
+                                           return_list=True) if num_workers else None
 
     def set_epoch(self, epoch, start_batch=0):
         self.sampler.set_epoch(epoch, start_batch)
@@ -135,7 +168,10 @@ class Loader:
         """Batches as {name: tensor} on Paddle's current device."""
         on_gpu = "gpu" in paddle.device.get_device()
         record = getattr(self.dataset, "record_bad_images", None)
-        for batch in self.loader:
+        for batch in self.loader if self.loader is not None else self._load_here():
+            if _ERROR_KEY in batch:
+                error = batch[_ERROR_KEY]
+                raise DataError(bytes(error.numpy() if isinstance(error, paddle.Tensor) else error).decode("utf-8"))
             bad = batch.pop("bad_image_index", None)
             if bad is not None and record is not None:
                 # workers cannot update the main process's dataset: report stand-ins here
@@ -146,6 +182,12 @@ class Loader:
                 batch = {k: (v.cuda() if isinstance(v, paddle.Tensor) and not v.place.is_gpu_place() else v)
                          for k, v in batch.items()}
             yield batch
+
+
+    def _load_here(self):
+        for keys in self.sampler:
+            batch = self.collate_fn([self.items[key] for key in keys])
+            yield {name: paddle.to_tensor(value) for name, value in batch.items()}
 
 
 def build_loader(dataset, split_cfg, collate_fn, train, seed=0, rank=0, world_size=1):

@@ -28,6 +28,7 @@ from passl.engine.logging import DeviceMeter, MetricsWriter, format_eta, progres
 from passl.engine.optim import build_lr_schedule, build_optimizer
 from passl.errors import CheckpointError, ConfigError, PasslError
 from passl.utils import distributed as du
+from passl.utils.fileio import write_text
 
 __all__ = ["Trainer", "step_seed"]
 
@@ -471,10 +472,15 @@ class Trainer:
         }
 
     def _report_bad_images(self):
+        """Count the images skipped as undecodable and list them all in output_dir/bad_images_<split>.txt
+        (rank 0 reports those its own loader met)."""
         for split, dataset in self.datasets.items():
-            bad = getattr(dataset, "bad_images", None)
-            if bad:
-                self.log.warning(f"{len(bad)} unreadable {split} image(s) were skipped, e.g. {bad[:3]}")
+            bad = sorted(set(getattr(dataset, "bad_images", None) or ()))
+            if bad and self.main:
+                listing = os.path.join(self.output_dir, f"bad_images_{split}.txt")
+                write_text(listing, "".join(f"{path}\n" for path in bad))
+                self.log.warning(f"{len(bad)} undecodable {split} image(s) were skipped "
+                                 f"(skip_bad_images: true), e.g. {bad[0]}; all listed in {listing}")
 
 
 def _file_only(logger, line):

@@ -150,3 +150,23 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, image_data):
         finals.append({k: v.numpy() for k, v in trainer.raw_model.state_dict().items()})
     for key in finals[0]:
         np.testing.assert_allclose(finals[1][key], finals[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_skipped_bad_images_are_counted_and_listed(tmp_path, image_data, caplog):
+    import shutil
+    train_root, val_root = image_data
+    train_copy = str(tmp_path / "train")
+    shutil.copytree(train_root, train_copy)
+    corrupt = os.path.join(train_copy, sorted(os.listdir(train_copy))[0], "broken.png")
+    with open(corrupt, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really a png")
+    cfg = tiny_config(tmp_path, train_copy, val_root, epochs=1, data__train__skip_bad_images=True)
+    _, code = _run(cfg)
+    assert code == 0
+    listing = tmp_path / "out" / "bad_images_train.txt"
+    assert listing.read_text().splitlines() == [corrupt]
+    assert "1 undecodable train image(s) were skipped" in (tmp_path / "out" / "train.log").read_text()
+    for workers in (0, 2):   # the error reaches the trainer from this thread and from worker processes
+        with pytest.raises(PasslError, match="broken.png"):
+            _run(tiny_config(tmp_path, train_copy, val_root, epochs=1, output_dir=str(tmp_path / f"strict{workers}"),
+                             data__train__num_workers=workers))
