@@ -47,7 +47,7 @@ DISTRACTOR_SIZE_FRAC = (0.19, 0.31)  # (12-20 px at 64)
 MAX_OVERLAP = 0.25             # a distractor may hide under another digit by at most this share of its box
 JPEG_QUALITY = 92
 # How hard the scenes are: background texture and digit contrast, tuned so that a small CNN learns
-# the task in a few CPU minutes (issue 6). Backgrounds stay dark so light digits of any hue stand out.
+# the task in a few CPU minutes. Backgrounds stay dark so light digits of any hue stand out.
 BACKGROUND_MAX = 110.0         # per channel, before texture
 DESATURATE = 0.4               # pull the background colour this far towards grey
 BLOB_STD = 25.0
@@ -108,7 +108,7 @@ def _digit_colour(rng, background_patch):
     """A random colour at least MIN_CONTRAST brighter (luminance) than the background under the digit.
 
     Always lighter than the background: with both polarities a small model needs many times more
-    data to learn the shapes (measured for issue 6), and the example must train in minutes.
+    data to learn the shapes (measured), and the example must train in minutes.
     """
     under = _luminance(background_patch.reshape(-1, 3).mean(0))
     for _ in range(50):
