@@ -122,15 +122,9 @@ def load_exported(model_dir):
 def preprocess_image(path, info):
     """Decode ``path`` (any size) and apply the recorded eval preprocessing -> float32 [3, S, S].
     DataError naming the file if it cannot be decoded."""
-    from PIL import Image
-
+    from passl.data.datasets import read_rgb
     from passl.data.transforms import CenterCrop, Normalize, ResizeShorter, Sample
-    try:
-        with Image.open(path) as img:
-            img.load()
-            image = img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 (any decoder failure means a bad file)
-        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+    image = read_rgb(path)
     size = info["crop_size"]
     steps = [ResizeShorter(size, info["crop_pct"], info["interpolation"]), CenterCrop(size),
              Normalize(info["mean"], info["std"])]

@@ -17,18 +17,18 @@ import time
 import numpy as np
 from PIL import Image
 
-from passl.utils.fileio import atomic_path, write_text
+from passl.data.datasets import IMG_EXTENSIONS, read_rgb
 from passl.errors import ConfigError, DataError
+from passl.utils.fileio import atomic_path, write_text
 
 __all__ = ["list_images", "shard", "preprocess", "topk_label_maps", "generate_label_maps", "STORES", "INFO_FILE"]
 
 STORES = ("npy", "pth", "packed")
 INFO_FILE = "label_maps.json"
-_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
-def list_images(root, extensions=_EXTENSIONS):
+def list_images(root, extensions=IMG_EXTENSIONS):
     """Sorted (store key, relative path) of every image below ``root``; key = relpath without extension."""
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root}")
@@ -56,11 +56,7 @@ def shard(items, rank, world_size):
 def preprocess(path, image_size, mean, std, interpolation="bilinear"):
     """Decode ``path`` as RGB, resize the whole image to image_size = (W, H), normalise.
     Returns float32 [3, H, W]; raises DataError naming the file if it cannot be decoded."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize(tuple(image_size), _INTERPOLATIONS[interpolation])
-    except Exception as e:  # noqa: BLE001 (any decoder failure means a bad file)
-        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+    img = read_rgb(path).resize(tuple(image_size), _INTERPOLATIONS[interpolation])
     pixels = np.asarray(img, np.float32) / 255.0
     return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1).copy()
 
@@ -129,7 +125,8 @@ def generate_label_maps(annotator, image_root, out_dir, image_size, mean=(0.485,
     os.makedirs(out_dir, exist_ok=True)
     log(f"generate labels: {len(items)} images below {image_root}; rank {rank}/{world_size} has {len(mine)}, "
         f"{existing} already done, {len(todo)} to write -> {out_dir} ({store})")
-    previous = _check_previous_run(out_dir, image_size, mean, std, topk, store)
+    settings = {"image_size": list(image_size), "mean": list(mean), "std": list(std), "topk": topk, "store": store}
+    previous = _check_previous_run(out_dir, settings)
     written, bad, map_shape = 0, [], previous.get("map_shape")
     bar = None
     if progress:
@@ -176,7 +173,7 @@ def generate_label_maps(annotator, image_root, out_dir, image_size, mean=(0.485,
         if rank == 0 and done:
             _pack(out_dir, items, progress)
     if rank == 0:
-        _write_info(out_dir, image_root, image_size, mean, std, topk, store, map_shape)
+        _write_info(out_dir, image_root, settings, map_shape)
     summary = {"total": len(items), "written": written, "existing": existing, "bad_images": bad,
                "map_shape": map_shape, "out_dir": out_dir, "seconds": round(time.time() - start, 2),
                "complete": done}
@@ -195,14 +192,14 @@ def _pack(out_dir, items, progress):
     pack_label_maps(parts, out_dir, keys=keys, progress=progress)
 
 
-def _check_previous_run(out_dir, image_size, mean, std, topk, store):
-    """The info of the run that wrote ``out_dir`` before ({} if none); refuse to mix maps made differently."""
+def _check_previous_run(out_dir, now):
+    """The info of the run that wrote ``out_dir`` before ({} if none); refuse to mix maps made with
+    settings other than ``now``."""
     path = os.path.join(out_dir, INFO_FILE)
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
-    now = {"image_size": list(image_size), "mean": list(mean), "std": list(std), "topk": topk, "store": store}
     differ = [k for k, v in now.items() if k in info and info[k] != v]
     if differ:
         raise DataError(f"{path}: the maps already in {out_dir} were made with other settings ("
@@ -211,9 +208,8 @@ def _check_previous_run(out_dir, image_size, mean, std, topk, store):
     return info
 
 
-def _write_info(out_dir, image_root, image_size, mean, std, topk, store, map_shape):
+def _write_info(out_dir, image_root, settings, map_shape):
     """out_dir/label_maps.json: how the maps were made (the pipeline needs coverage: full)."""
-    info = {"coverage": "full", "store": store, "image_root": os.path.abspath(image_root),
-            "image_size": list(image_size), "mean": list(mean), "std": list(std), "topk": topk,
+    info = {"coverage": "full", "image_root": os.path.abspath(image_root), **settings,
             "map_shape": map_shape, "dtype": "float16"}
     write_text(os.path.join(out_dir, INFO_FILE), json.dumps(info, indent=1))

@@ -26,7 +26,7 @@ from passl.registry import DATASETS, LABEL_STORES, TRANSFORMS
 
 __all__ = ["IMG_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolder", "TokenLabelDataset", "build_dataset",
            "model_geometry", "inspect_sample",
-           "read_class_names"]
+           "read_class_names", "read_rgb"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _MAX_SKIPS = 50
@@ -34,6 +34,16 @@ _MAX_SKIPS = 50
 
 class BadImageError(DataError):
     """An image file that cannot be decoded (skippable with ``skip_bad_images: true``)."""
+
+
+def read_rgb(path):
+    """Decode the image file ``path`` as an RGB PIL image; DataError naming the file if it cannot be."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 (any decoder failure means a bad file)
+        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
 
 
 def read_class_names(spec):
