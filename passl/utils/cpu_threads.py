@@ -49,3 +49,22 @@ def configure_cpu_threads(environ=None):
 
 def paddle_already_imported():
     return "paddle" in sys.modules
+
+
+STRIDE_FLAG = "FLAGS_use_stride_kernel"
+
+
+def configure_cpu_kernels(environ=None):
+    """Turn off Paddle's strided (view) kernels for a CPU run, unless the user set the flag.
+
+    With them on, transpose, unbind and slicing return views, and every matmul, reshape or
+    elementwise op that later reads a view takes a slow strided path on the CPU: attention ran
+    ~2.7x slower and the lvvit_t training step ~1.3x slower (benchmarks/bench_train.py).
+    Contiguous copies are what Paddle did before views existed. Returns True if it changed the flag.
+    """
+    environ = os.environ if environ is None else environ
+    if STRIDE_FLAG in environ:
+        return False
+    import paddle
+    paddle.set_flags({STRIDE_FLAG: False})
+    return True
