@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from passl.utils.cpu_threads import configure_cpu_kernels, configure_cpu_threads  # noqa: E402
+from passl.utils.cpu_threads import configure_cpu_runtime, configure_cpu_threads  # noqa: E402
 
 THREAD_ENV = configure_cpu_threads()   # before paddle is imported anywhere
 
@@ -71,7 +71,7 @@ def select_device(name="auto"):
         name = "gpu:0" if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else "cpu"
     paddle.set_device(name)
     if name == "cpu":
-        configure_cpu_kernels()   # the same CPU kernel choice as tools/train.py
+        configure_cpu_runtime()   # the same CPU settings as tools/train.py
     return name
 
 

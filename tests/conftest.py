@@ -5,10 +5,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from passl.utils.cpu_threads import configure_cpu_kernels, configure_cpu_threads  # noqa: E402
+from passl.utils.cpu_threads import configure_cpu_runtime, configure_cpu_threads  # noqa: E402
 
 configure_cpu_threads()     # before paddle is imported
-configure_cpu_kernels()     # the kernels a CPU run of tools/train.py uses
+configure_cpu_runtime()     # the settings a CPU run of tools/train.py uses
 
 import pytest  # noqa: E402
 

@@ -5,14 +5,16 @@ U listed classes and ``bg`` for each other class. With logp = log_softmax(aux):
 
     -sum_c t_c logp_c = -((1 - s) bg + s / C) * sum_c logp_c  -  (1 - s) * sum_u (probs_u - bg) logp_{class_u}
 
-and sum_c logp_c = sum_c aux_c - C * logsumexp(aux), so the dense term needs one logsumexp and one
-sum over [B, N, C] plus a gather of [B, N, U] -- no [B, N, C] target is ever built. The class-token
+and sum_c logp_c = sum_c aux_c - C * logsumexp(aux), so the dense term needs a softmax and a sum
+over [B, N, C] plus a gather of [B, N, U] -- no [B, N, C] target is ever built, and the gradient is
+written out (_DenseSoftCrossEntropy) rather than traced. The class-token
 target is small ([B, C]) and is built densely on device, then blended with the ground truth
 (optional) and mixed for MixToken: lam = 1 - box_area / N, t = lam t + (1 - lam) t[reversed batch].
 Images without label maps (or batches without compact targets) use the smoothed one-hot label.
 """
 import paddle
 import paddle.nn.functional as F
+from paddle.autograd import PyLayer
 
 from passl.registry import LOSSES
 
@@ -87,13 +89,42 @@ def dense_token_loss(aux, batch, smoothing=0.1):
     valid = (classes >= 0).unsqueeze(1)                                          # [B, 1, U]
     index = paddle.where(classes >= 0, classes, paddle.zeros_like(classes)).unsqueeze(1)
     index = index.expand([size, tokens, classes.shape[1]])                      # [B, N, U]
-    lse = paddle.logsumexp(aux, axis=-1)                                         # [B, N]
-    sum_logp = aux.sum(-1) - num_classes * lse                                   # sum_c logp_c
-    picked = paddle.take_along_axis(aux, index, axis=2) - lse.unsqueeze(-1)      # logp at listed classes
     weight = paddle.where(valid, probs - bg.unsqueeze(-1), paddle.zeros_like(probs))
-    per_token = -((1.0 - smoothing) * bg + smoothing / num_classes) * sum_logp \
-        - (1.0 - smoothing) * (weight * picked).sum(-1)
-    return per_token.mean()
+    return _DenseSoftCrossEntropy.apply(aux, index, weight, bg, float(smoothing))
+
+
+class _DenseSoftCrossEntropy(PyLayer):
+    """The dense term with its gradient written out, so that [B, N, C] is touched in a few passes.
+
+    Per token, with a = (1 - s) bg + s / C, w_u = probs_u - bg (0 for padding), W = sum_u w_u:
+        loss = -a sum_c z_c + (a C + (1 - s) W) lse - (1 - s) sum_u w_u z_{class_u}
+        dloss/dz_c = (a C + (1 - s) W) softmax(z)_c - a - (1 - s) sum_u w_u [class_u = c]
+    lse = max z - log(max softmax z): exact, and max softmax >= 1/C keeps the log well conditioned.
+    Autograd through logsumexp, sum and take_along_axis made three [B, N, C] gradients and added them.
+    """
+
+    @staticmethod
+    def forward(ctx, aux, index, weight, bg, smoothing):
+        num_classes = aux.shape[-1]
+        prob = F.softmax(aux, axis=-1)                                           # [B, N, C]
+        lse = aux.max(-1) - paddle.log(prob.max(-1))                             # [B, N]
+        a = (1.0 - smoothing) * bg + smoothing / num_classes
+        coef = a * num_classes + (1.0 - smoothing) * weight.sum(-1)
+        picked = (weight * paddle.take_along_axis(aux, index, axis=2)).sum(-1)
+        per_token = coef * lse - a * aux.sum(-1) - (1.0 - smoothing) * picked
+        ctx.save_for_backward(prob, index, weight, a, coef)
+        ctx.smoothing = smoothing
+        return per_token.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        prob, index, weight, a, coef = ctx.saved_tensor()
+        scale = grad / float(a.numel())                                          # d mean / d per_token
+        # in place on the saved softmax, which only this backward reads: a new [B, N, C] block per
+        # op costs more than the op itself on the CPU
+        out = prob.multiply_((coef * scale).unsqueeze(-1)).subtract_((a * scale).unsqueeze(-1))
+        return out.put_along_axis_(index, -(1.0 - ctx.smoothing) * scale * weight, axis=2, reduce="add"), \
+            None, None, None
 
 
 @LOSSES.register()

@@ -51,20 +51,46 @@ def paddle_already_imported():
     return "paddle" in sys.modules
 
 
+
 STRIDE_FLAG = "FLAGS_use_stride_kernel"
+MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
-def configure_cpu_kernels(environ=None):
-    """Turn off Paddle's strided (view) kernels for a CPU run, unless the user set the flag.
+def configure_cpu_runtime(environ=None):
+    """Settings for a CPU run made once paddle is imported; a setting the user made is kept.
 
-    With them on, transpose, unbind and slicing return views, and every matmul, reshape or
-    elementwise op that later reads a view takes a slow strided path on the CPU: attention ran
-    ~2.7x slower and the lvvit_t training step ~1.3x slower (benchmarks/bench_train.py).
-    Contiguous copies are what Paddle did before views existed. Returns True if it changed the flag.
+    - Paddle's strided (view) kernels are turned off. With them on, transpose, unbind and slicing
+      return views, and every matmul, reshape or elementwise op that later reads a view takes a
+      slow strided path: attention ran ~2.7x slower and the lvvit_t training step ~1.3x slower
+      (benchmarks/bench_train.py). Contiguous copies are what Paddle did before views existed.
+    - glibc keeps freed memory for reuse (see keep_freed_memory).
+    Returns the names of what it changed.
     """
     environ = os.environ if environ is None else environ
-    if STRIDE_FLAG in environ:
+    changed = []
+    if STRIDE_FLAG not in environ:
+        import paddle
+        paddle.set_flags({STRIDE_FLAG: False})
+        changed.append(STRIDE_FLAG)
+    if not any(key in environ for key in MALLOC_ENV) and keep_freed_memory():
+        changed.append("malloc")
+    return changed
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory instead of returning it to the kernel (Linux only).
+
+    Paddle's CPU tensors come straight from malloc. By default glibc serves big blocks (the 51 MB
+    stem activations of a batch of 16) with a fresh mmap and trims the heap after large frees, so
+    every step faults in and zeroes ~0.5 GB of new pages (~0.1 s per lvvit_t step on 2 cores).
+    With mmap off and no trimming, a step reuses the previous step's memory; the process keeps its
+    peak footprint, as GPU caching allocators do. Returns False where mallopt is unavailable.
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
         return False
-    import paddle
-    paddle.set_flags({STRIDE_FLAG: False})
-    return True
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return bool(mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2 ** 31 - 1)
+                and mallopt(m_top_pad, 64 << 20))

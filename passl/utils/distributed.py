@@ -2,7 +2,7 @@
 import os
 
 from passl.errors import ConfigError
-from passl.utils.cpu_threads import configure_cpu_kernels
+from passl.utils.cpu_threads import configure_cpu_runtime
 
 
 def cuda_available():
@@ -23,7 +23,7 @@ def select_device(name="auto", log=print):
         paddle.set_device(f"gpu:{local_rank()}")
         return "gpu"
     paddle.set_device("cpu")
-    configure_cpu_kernels()
+    configure_cpu_runtime()
     if name == "auto" and log:
         log(f"no GPU found, running on the CPU ({os.environ.get('OMP_NUM_THREADS', '?')} threads)")
     return "cpu"

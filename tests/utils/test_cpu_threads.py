@@ -1,6 +1,11 @@
-"""Environment set before paddle loads: all cores for OpenMP, MKL's fast path on AMD, quiet native logs;
-whatever the user already set is kept."""
+"""CPU settings: the environment set before paddle loads (all cores for OpenMP, MKL's fast path on AMD,
+quiet native logs) and the runtime settings made after (contiguous kernels, malloc reuse); whatever the
+user already set is kept."""
 import os
+import subprocess
+import sys
+
+import pytest
 
 from passl.utils import cpu_threads
 
@@ -39,7 +44,7 @@ def test_cpu_runs_use_contiguous_kernels():
     before = _stride_flag()
     try:
         paddle.set_flags({cpu_threads.STRIDE_FLAG: True})
-        assert cpu_threads.configure_cpu_kernels({}) is True
+        assert cpu_threads.STRIDE_FLAG in cpu_threads.configure_cpu_runtime({})
         assert _stride_flag() is False
         x = paddle.arange(6, dtype="float32").reshape([2, 3])
         assert x.transpose([1, 0]).is_contiguous()      # a copy, not a strided view
@@ -52,8 +57,8 @@ def test_user_stride_flag_is_kept():
     before = _stride_flag()
     try:
         paddle.set_flags({cpu_threads.STRIDE_FLAG: True})
-        assert cpu_threads.configure_cpu_kernels({cpu_threads.STRIDE_FLAG: "1"}) is False
-        assert _stride_flag() is True
+        changed = cpu_threads.configure_cpu_runtime({cpu_threads.STRIDE_FLAG: "1", "MALLOC_TOP_PAD_": "0"})
+        assert changed == [] and _stride_flag() is True
     finally:
         paddle.set_flags({cpu_threads.STRIDE_FLAG: before})
 
@@ -69,3 +74,33 @@ def test_select_device_cpu_sets_the_kernels(monkeypatch):
         assert _stride_flag() is False
     finally:
         paddle.set_flags({cpu_threads.STRIDE_FLAG: before})
+
+
+REUSE_PROBE = """
+import ctypes, resource, sys
+sys.path.insert(0, {root!r})
+if {keep}:
+    from passl.utils.cpu_threads import keep_freed_memory
+    assert keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def faults_of_a_64mb_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(64 << 20)
+    ctypes.memset(block, 1, 64 << 20)
+    libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_64mb_block()
+print(faults_of_a_64mb_block())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_freed_memory_is_reused_without_page_faults(repo_root):
+    """A second 64 MB block faults in all its 16k pages again by default, and none once freed memory is kept."""
+    def faults(keep):
+        code = REUSE_PROBE.format(root=repo_root, keep=keep)
+        return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert faults(False) > 10000
+    assert faults(True) < 1000
