@@ -7,10 +7,14 @@ lvvit_tiny recipe: flip, RandAugment m9, RandomResizedCrop 224, Normalize, Rando
 times ``dataset[i]`` + ``collate_fn`` in this process, with a per-stage breakdown:
 
     decode (plan + JPEG decode, draft-reduced where the crop allows), label_map_load, one entry
-    per transform (RandAugment's image work; its label-map warps are ``label_map_warp``),
-    targets (pooling + compact softmax), collate (per sample)
+    per per-sample transform (RandAugment's image work; its label-map warps are ``label_map_warp``;
+    RandomErasing only draws its boxes), to_uint8 (PIL -> uint8 [3, H, W]), targets (pooling +
+    compact softmax), collate (per sample)
 
-and the bytes per sample handed to the trainer. Prints one JSON object.
+and the bytes per sample handed to the trainer. Normalize and RandomErasing's pixel work run on the
+collated batch in the training process, on its device (``finish_batch``); that is timed apart on
+this machine's CPU (``finish_ms_per_batch``) and is not part of a worker's throughput.
+Prints one JSON object.
 
     python benchmarks/bench_data.py
     python benchmarks/bench_data.py -c configs/lvvit/lvvit_small.yaml --num-images 64 --passes 3
@@ -124,6 +128,7 @@ def instrument(dataset, clock):
     dataset.decode = clock.wrap("decode", dataset.decode)
     dataset.load_label_map = clock.wrap("label_map_load", dataset.load_label_map)
     datasets_module.build_token_targets = clock.wrap("targets", datasets_module.build_token_targets)
+    datasets_module.to_uint8_chw = clock.wrap("to_uint8", datasets_module.to_uint8_chw)
     # label-map work inside transforms is counted apart and subtracted from the transform's time
     warp = clock.wrap("label_map_warp", transforms_module.warp_label_map)
     randaugment_module.warp_label_map = warp
@@ -176,6 +181,7 @@ def main(argv=None):
         clock = StageClock()
         instrument(dataset, clock)
         result = run_passes(dataset, collate_fn, args, clock)
+        result.update(time_finish(dataset, collate_fn, args))
     finally:
         if args.data_dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -239,6 +245,24 @@ def run_passes(dataset, collate_fn, args, clock):
         "bytes_per_sample": total_bytes / n_last,
         "bytes_per_sample_by_key": {k: v / n_last for k, v in sorted(per_key.items())},
     }
+
+
+def time_finish(dataset, collate_fn, args, repeats=5):
+    """Median time of ``finish_batch`` (normalise + erase) on one collated batch, on the CPU."""
+    import statistics
+    import paddle
+    _common.select_device("cpu")
+    np.random.seed(args.seed)
+    host = collate_fn([dataset[i % len(dataset)] for i in range(args.batch_size)])
+    erase = (host.pop("erase_boxes"), host.pop("erase_seed")) if "erase_boxes" in host else None
+    times = []
+    for _ in range(repeats + 1):
+        batch = {k: paddle.to_tensor(v) for k, v in host.items()}
+        start = time.perf_counter()
+        dataset.finish_batch(batch, erase)["image"].numpy()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times[1:])
+    return {"finish_ms_per_batch": 1000 * median, "finish_ms_per_sample": 1000 * median / args.batch_size}
 
 
 if __name__ == "__main__":

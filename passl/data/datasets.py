@@ -5,8 +5,12 @@ A DATASETS entry (e.g. ``ImageFolder``) is an *image source*: ``samples`` [(relp
 label store, the transforms and the target builder into a :class:`TokenLabelDataset` whose items are
 dicts of numpy arrays (workers never create paddle tensors):
 
-    image  float32 [3, H, W]    label  int64 []    bad_image_index  int64 [] (-1: none)
+    image  uint8 [3, H, W]    label  int64 []    bad_image_index  int64 [] (-1: none)
+    with RandomErasing: erase_boxes int32 [max_count, 4], erase_seed int64 []
     train only: target_classes [U], token_probs [N, U], token_bg [N], cls_probs [U], cls_bg []
+
+Normalize and the pixel work of RandomErasing run on the collated batch on the training device
+(``TokenLabelDataset.finish_batch``, called by the Loader), as timm's prefetcher does on the GPU.
 
 Randomness comes from one numpy Generator per item, seeded from numpy's global generator, which
 ``passl.data.loader`` reseeds per sample from (seed, epoch, position).
@@ -25,7 +29,7 @@ from passl.errors import ConfigError, DataError
 from passl.registry import DATASETS, LABEL_STORES, TRANSFORMS
 
 __all__ = ["IMG_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolder", "TokenLabelDataset", "build_dataset",
-           "model_geometry", "inspect_sample",
+           "model_geometry", "inspect_sample", "split_device_stage", "to_uint8_chw",
            "read_class_names", "read_rgb"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -141,11 +145,15 @@ class TokenLabelDataset(paddle.io.Dataset):
     once here (missing / wrong shape -> DataError naming the image and the path looked up).
     skip_bad_images: an undecodable image is replaced by the next decodable one (deterministic)
     and listed in ``bad_images``; otherwise it raises DataError naming the file.
+
+    Items carry the image as uint8; ``finish_batch`` turns a collated batch into what the model sees
+    (Normalize, then RandomErasing's boxes) on the training device. ``transforms`` is what runs here.
     """
 
     def __init__(self, source, transforms, label_store=None, num_classes=1000, grid_size=(14, 14),
                  targets=True, skip_bad_images=False, progress=None):
-        self.source, self.transforms, self.label_store = source, list(transforms), label_store
+        self.transforms, self.normalize, self.erasing = split_device_stage(transforms)
+        self.source, self.label_store = source, label_store
         self.num_classes, self.grid_size = int(num_classes), tuple(int(g) for g in grid_size)
         self.targets, self.skip_bad_images = targets, skip_bad_images
         self.bad_images = []
@@ -205,10 +213,9 @@ class TokenLabelDataset(paddle.io.Dataset):
         sample = self.decode(index, label_map, rng)
         for transform in self.transforms:
             sample = transform(sample, rng)
-        image = sample.image
-        if not isinstance(image, np.ndarray):   # no Normalize in the list: plain [0, 1] floats
-            image = np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0
-        item = {"image": np.ascontiguousarray(image, dtype=np.float32), "label": np.asarray(label, np.int64)}
+        item = {"image": to_uint8_chw(sample.image), "label": np.asarray(label, np.int64)}
+        if sample.erase is not None:
+            item["erase_boxes"], item["erase_seed"] = sample.erase[0], np.asarray(sample.erase[1], np.int64)
         if self.targets:
             tokens = self.grid_size[0] * self.grid_size[1]
             if sample.label_map is None:
@@ -217,6 +224,18 @@ class TokenLabelDataset(paddle.io.Dataset):
                 item.update(build_token_targets(sample.label_map, sample.view, sample.map_region,
                                                 self.grid_size, self.num_classes))
         return item
+
+    def finish_batch(self, batch, erase=None):
+        """Collated batch (paddle tensors, image uint8 [B, 3, H, W]) -> image float32 as the model sees it:
+        normalised (or scaled to [0, 1] without Normalize), with the RandomErasing boxes filled.
+        ``erase``: the batch's (erase_boxes, erase_seed) as numpy, popped before the batch went to the GPU."""
+        images = batch["image"]
+        images = self.normalize.normalize_batch(images) if self.normalize else images.astype("float32") / 255.0
+        if erase is not None:
+            boxes, seeds = erase
+            images = self.erasing.erase_batch(images, boxes, int(np.sum(seeds, dtype=np.int64) % (2 ** 31 - 2)) + 1)
+        batch["image"] = images
+        return batch
 
     def load_label_map(self, index):
         """float32 [2, K, h, w] of image ``index``; DataError naming the file for bad class indices."""
@@ -248,6 +267,34 @@ class TokenLabelDataset(paddle.io.Dataset):
             sample.label_map = label_map
             sample.map_region = coverage_region(self.label_store.coverage, *size)
         return sample
+
+
+def to_uint8_chw(image):
+    """PIL RGB image -> contiguous uint8 [3, H, W]."""
+    return np.ascontiguousarray(np.asarray(image, np.uint8).transpose(2, 0, 1))
+
+
+def split_device_stage(transforms):
+    """(transforms run per sample, Normalize or None, RandomErasing or None).
+
+    Normalize and RandomErasing's pixel work run on the collated batch on the training device, so
+    Normalize must be the last per-sample step, with only a RandomErasing (which draws its boxes per
+    sample) after it."""
+    names = [type(t).__name__ for t in transforms]
+    enabled = [t for t in transforms if t.enable]
+    normalize = next((t for t in enabled if type(t).__name__ == "Normalize"), None)
+    erasing = [t for t in enabled if type(t).__name__ == "RandomErasing"]
+    if len(erasing) > 1:
+        raise ConfigError("transforms: more than one RandomErasing; use one with max_count > 1")
+    if normalize is not None:
+        after = [type(t).__name__ for t in enabled[enabled.index(normalize) + 1:]]
+        if any(name != "RandomErasing" for name in after):
+            raise ConfigError(f"transforms: {', '.join(n for n in after if n != 'RandomErasing')} comes after "
+                              f"Normalize in {names}; only RandomErasing may follow Normalize")
+    if erasing and (normalize is None or enabled.index(erasing[0]) < enabled.index(normalize)):
+        raise ConfigError(f"transforms: RandomErasing works on the normalised image; put it after Normalize ({names})")
+    per_sample = [t for t in transforms if t is not normalize]
+    return per_sample, normalize, (erasing[0] if erasing else None)
 
 
 def build_dataset(split_cfg, split, num_classes, grid_size):
@@ -300,6 +347,9 @@ def inspect_sample(cfg, index, seed=0):
         raise ConfigError(f"--index {index} is outside the training set (0..{len(dataset) - 1})")
     np.random.seed(seed)
     item = dataset[index]
+    erase = (item["erase_boxes"][None], item["erase_seed"][None]) if "erase_boxes" in item else None
+    batch = dataset.finish_batch({"image": paddle.to_tensor(item["image"][None])}, erase)
+    item["image"] = batch["image"].numpy()[0]
     smoothing = float((cfg.get("loss") or {}).get("smoothing", 0.1))
     token_targets, cls_target = expand_targets(item, num_classes, smoothing)
     return {"image": item["image"], "token_targets": token_targets, "cls_target": cls_target,

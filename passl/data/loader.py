@@ -138,8 +138,9 @@ class WorkerSeeder:
 class Loader:
     """A DataLoader over one split with a resumable distributed sampler.
 
-    Iterating yields the collated batch as a dict of tensors. Call ``set_epoch(epoch, start_batch)``
-    before each pass.
+    Iterating yields the collated batch as a dict of tensors on the current device, finished by the
+    dataset's ``finish_batch`` when it has one (uint8 images normalised there). Call
+    ``set_epoch(epoch, start_batch)`` before each pass.
     """
 
     def __init__(self, dataset, batch_size, collate_fn, num_workers=0, shuffle=False, drop_last=False,
@@ -168,6 +169,7 @@ class Loader:
         """Batches as {name: tensor} on Paddle's current device."""
         on_gpu = "gpu" in paddle.device.get_device()
         record = getattr(self.dataset, "record_bad_images", None)
+        finish = getattr(self.dataset, "finish_batch", None)
         for batch in self.loader if self.loader is not None else self._load_here():
             if _ERROR_KEY in batch:
                 error = batch[_ERROR_KEY]
@@ -175,12 +177,16 @@ class Loader:
             bad = batch.pop("bad_image_index", None)
             if bad is not None and record is not None:
                 # workers cannot update the main process's dataset: report stand-ins here
-                bad = bad.numpy() if isinstance(bad, paddle.Tensor) else np.asarray(bad)
+                bad = _numpy(bad)
                 if (bad >= 0).any():
                     record(bad)
+            erase = [batch.pop(key, None) for key in ("erase_boxes", "erase_seed")]   # small; read on the host
+            erase = None if erase[0] is None else tuple(_numpy(v) for v in erase)
             if on_gpu:
                 batch = {k: (v.cuda() if isinstance(v, paddle.Tensor) and not v.place.is_gpu_place() else v)
                          for k, v in batch.items()}
+            if finish is not None:   # uint8 images -> what the model sees, on the device
+                batch = finish(batch, erase)
             yield batch
 
 
@@ -188,6 +194,10 @@ class Loader:
         for keys in self.sampler:
             batch = self.collate_fn([self.items[key] for key in keys])
             yield {name: paddle.to_tensor(value) for name, value in batch.items()}
+
+
+def _numpy(value):
+    return value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
 
 
 def build_loader(dataset, split_cfg, collate_fn, train, seed=0, rank=0, world_size=1):

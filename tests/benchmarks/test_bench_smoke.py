@@ -76,11 +76,12 @@ def test_bench_data_tiny(tmp_path):
     assert result["benchmark"] == "data" and result["label_maps"] is True and result["grid"] == [2, 2]
     assert positive(result["samples_per_s"]) and positive(result["samples_per_cpu_s"])
     stages = result["stage_ms_per_sample"]
-    for stage in ("decode", "label_map_load", "label_map_warp", "RandAugment", "RandomResizedCrop", "targets",
-                  "collate"):
+    for stage in ("decode", "label_map_load", "label_map_warp", "RandAugment", "RandomResizedCrop", "to_uint8",
+                  "targets", "collate"):
         assert stage in stages and stages[stage] >= 0, stage
-    # image float32 [3, 32, 32] per sample, plus compact targets for 4 tokens
+    assert "Normalize" not in stages and positive(result["finish_ms_per_batch"])   # on the trainer's device
+    # image uint8 [3, 32, 32] per sample, one erasing box, plus compact targets for 4 tokens
     by_key = result["bytes_per_sample_by_key"]
-    assert by_key["image"] == 3 * 32 * 32 * 4
+    assert by_key["image"] == 3 * 32 * 32 and by_key["erase_boxes"] == 4 * 4
     assert by_key["token_bg"] == 4 * 4 and by_key["token_probs"] % (4 * 4) == 0
     assert result["bytes_per_sample"] == pytest.approx(sum(by_key.values()))

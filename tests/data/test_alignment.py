@@ -87,7 +87,7 @@ def agreement(dataset, coverage, width, height, draws=60, transpose=False):
         predicted = token_targets.argmax(-1).reshape(grid, grid)
         if transpose:
             predicted = predicted.T
-        image = item["image"]                                   # [3, H, W] in [0, 1] (no Normalize)
+        image = item["image"] / 255.0                           # uint8 [3, H, W] -> [0, 1] (no Normalize)
         # colour at the token centre: mean of the 2 x 2 pixels around it
         colour = sum(image[:, centre[:, None] + dy, centre[None, :] + dx] for dy in (-1, 0) for dx in (-1, 0)) / 4
         x = colour[0] * width

@@ -137,20 +137,73 @@ def test_eval_resize_and_centre_crop():
     assert x1 - x0 == pytest.approx(64 * 300 / 109) and (x0 + x1) / 2 == pytest.approx(150, abs=2)
 
 
-def test_normalize_and_erasing():
+def test_normalize_on_a_sample_and_on_a_batch_agree():
+    import paddle
     pixels = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
-    sample = Normalize(mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.4])(Sample(image=Image.fromarray(pixels)), None)
-    want = (pixels / 255.0 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.3, 0.4])
-    np.testing.assert_allclose(sample.image, want.transpose(2, 0, 1), atol=1e-5)
-    before = sample.image.copy()
-    RandomErasing(prob=1.0)(sample, np.random.default_rng(0))
-    changed = np.any(sample.image != before, axis=0)
-    assert 0.02 * 600 * 0.5 <= changed.sum() <= 600 / 3 + 30
+    normalize = Normalize(mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.4])
+    want = ((pixels / 255.0 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.3, 0.4])).transpose(2, 0, 1)
+    np.testing.assert_allclose(normalize(Sample(image=Image.fromarray(pixels)), None).image, want, atol=1e-5)
+    batch = paddle.to_tensor(np.stack([pixels.transpose(2, 0, 1)] * 2))            # uint8 [2, 3, 20, 30]
+    got = normalize.normalize_batch(batch)
+    assert got.dtype == paddle.float32
+    np.testing.assert_allclose(got.numpy(), np.stack([want] * 2), atol=1e-5)
+
+
+def _erased(mode, boxes, seed=7, shape=(2, 3, 20, 30)):
+    import paddle
+    images = paddle.full(shape, 5.0)     # a value no fill produces
+    out = RandomErasing(mode=mode).erase_batch(images, boxes, seed).numpy()
+    return out, out != 5.0
+
+
+def test_random_erasing_draws_boxes_per_sample():
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    areas = []
+    for seed in range(50):
+        sample = RandomErasing(prob=1.0)(Sample(image=Image.fromarray(pixels)), np.random.default_rng(seed))
+        boxes, noise_seed = sample.erase
+        top, left, h, w = boxes[0]
+        assert boxes.shape == (1, 4) and boxes.dtype == np.int32 and noise_seed > 0
+        assert 0 <= top and top + h <= 20 and 0 <= left and left + w <= 30
+        areas.append(h * w)
+    assert min(areas) >= 0.02 * 600 * 0.5 and max(areas) <= 600 / 3 + 30 and len(set(areas)) > 10
+    never = RandomErasing(prob=0.0)(Sample(image=Image.fromarray(pixels)), np.random.default_rng(0))
+    assert not never.erase[0].any()                                             # height 0: nothing erased
+    assert RandomErasing(prob=1.0, enable=False)(Sample(image=Image.fromarray(pixels)),
+                                                 np.random.default_rng(0)).erase is None
+
+
+def test_random_erasing_fills_exactly_its_boxes_on_the_batch():
+    boxes = np.array([[[2, 3, 4, 5]], [[0, 0, 0, 0]]], np.int32)                 # sample 1: no box
+    out, changed = _erased("pixel", boxes)
+    want = np.zeros((2, 3, 20, 30), bool)
+    want[0, :, 2:6, 3:8] = True
+    np.testing.assert_array_equal(changed, want)
+    assert abs(out[0, :, 2:6, 3:8].mean()) < 1.0 and out[0, :, 2:6, 3:8].std() > 0.3   # normal noise
+    again, _ = _erased("pixel", boxes)
+    np.testing.assert_array_equal(again, out)                                   # the seed fixes the noise
+    other, _ = _erased("pixel", boxes, seed=8)
+    assert not np.array_equal(other, out)
+    const, changed = _erased("const", boxes)
+    np.testing.assert_array_equal(changed, want)
+    assert (const[0, :, 2:6, 3:8] == 0).all()
+    rand, changed = _erased("rand", boxes)
+    np.testing.assert_array_equal(changed, want)
+    assert all(np.unique(rand[0, c, 2:6, 3:8]).size == 1 for c in range(3))     # one colour per channel
+
+
+def test_normalize_ends_the_per_sample_pipeline():
+    from passl.data.datasets import split_device_stage
+    flip, normalize, erasing = RandomHorizontalFlip(), Normalize(), RandomErasing()
+    assert split_device_stage([flip, normalize, erasing]) == ([flip, erasing], normalize, erasing)
+    assert split_device_stage([flip]) == ([flip], None, None)
     with pytest.raises(ConfigError, match="after Normalize"):
-        RandomErasing(prob=1.0)(Sample(image=Image.fromarray(pixels)), np.random.default_rng(0))
-    disabled = RandomErasing(prob=1.0, enable=False)
-    same = disabled(Sample(image=before.copy()), np.random.default_rng(0))
-    np.testing.assert_array_equal(same.image, before)
+        split_device_stage([flip, erasing, normalize])
+    with pytest.raises(ConfigError, match="after Normalize"):
+        split_device_stage([flip, erasing])
+    with pytest.raises(ConfigError, match="RandomHorizontalFlip comes after Normalize"):
+        split_device_stage([normalize, flip])
+    assert split_device_stage([RandomErasing(enable=False), normalize])[1] is normalize
 
 
 def test_crop_window_gives_the_same_pixels_as_whole_image_ops():

@@ -81,3 +81,44 @@ def test_loader_results_do_not_depend_on_workers_or_resume(workers):
     for a, b in zip(full[1:], resumed):
         np.testing.assert_array_equal(a, b)
     assert isinstance(SeededItems(RandomItems())[(0, 1)], dict)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_normalises_and_erases_on_the_device_and_resumes_exactly(tmp_path, workers):
+    """Items are uint8; the Loader's batches are normalised float32 with the erasing boxes filled, and the
+    same with workers, without them, and after a resume (the noise comes from the samples' seeds)."""
+    from PIL import Image
+
+    from passl.data import build_dataset, collate_fn
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.4]
+    split = {"dataset": {"name": "ImageFolder", "root": str(tmp_path)}, "label_store": None,
+             "transforms": [{"name": "Normalize", "mean": mean, "std": std}, {"name": "RandomErasing", "prob": 0.5}]}
+    dataset = build_dataset(split, "train", 2, (1, 1))
+
+    def epoch(num_workers, start_batch=0):
+        loader = Loader(dataset, 2, collate_fn, num_workers=num_workers, shuffle=True, seed=3)
+        loader.set_epoch(1, start_batch)
+        return [(b["image"].numpy(), b["label"].numpy()) for b in loader]
+
+    full = epoch(0)
+    assert all(images.dtype == np.float32 and images.shape == (2, 3, 16, 16) for images, _ in full)
+    for a, b in zip(full[1:], epoch(workers, start_batch=1)):
+        np.testing.assert_array_equal(a[0], b[0])
+    # outside the erased boxes, a pixel is the normalised source pixel
+    images = np.concatenate([i for i, _ in full])
+    labels = np.concatenate([lab for _, lab in full])
+    sources = [[np.asarray(Image.open(tmp_path / c / f"{i}.png")).transpose(2, 0, 1) for i in range(4)]
+               for c in ("a", "b")]
+    erased = 0
+    for image, label in zip(images, labels):
+        matches = [np.isclose(image, (p / 255.0 - np.reshape(mean, (3, 1, 1))) / np.reshape(std, (3, 1, 1)),
+                              atol=1e-5) for p in sources[int(label)]]
+        best = max(matches, key=np.mean)
+        assert best.mean() > 0.5                       # it is one of its class's images
+        erased += int(not best.all())
+    assert 0 < erased < len(images)                   # prob 0.5: some erased, some not
