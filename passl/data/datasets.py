@@ -274,25 +274,25 @@ def to_uint8_chw(image):
     return np.ascontiguousarray(np.asarray(image, np.uint8).transpose(2, 0, 1))
 
 
-def split_device_stage(transforms):
+def split_device_stage(transforms, key="transforms"):
     """(transforms run per sample, Normalize or None, RandomErasing or None).
 
     Normalize and RandomErasing's pixel work run on the collated batch on the training device, so
     Normalize must be the last per-sample step, with only a RandomErasing (which draws its boxes per
-    sample) after it."""
+    sample) after it. ``key`` names the config list in errors."""
     names = [type(t).__name__ for t in transforms]
     enabled = [t for t in transforms if t.enable]
     normalize = next((t for t in enabled if type(t).__name__ == "Normalize"), None)
     erasing = [t for t in enabled if type(t).__name__ == "RandomErasing"]
     if len(erasing) > 1:
-        raise ConfigError("transforms: more than one RandomErasing; use one with max_count > 1")
+        raise ConfigError(f"{key}: more than one RandomErasing; use one with max_count > 1")
     if normalize is not None:
         after = [type(t).__name__ for t in enabled[enabled.index(normalize) + 1:]]
         if any(name != "RandomErasing" for name in after):
-            raise ConfigError(f"transforms: {', '.join(n for n in after if n != 'RandomErasing')} comes after "
+            raise ConfigError(f"{key}: {', '.join(n for n in after if n != 'RandomErasing')} comes after "
                               f"Normalize in {names}; only RandomErasing may follow Normalize")
     if erasing and (normalize is None or enabled.index(erasing[0]) < enabled.index(normalize)):
-        raise ConfigError(f"transforms: RandomErasing works on the normalised image; put it after Normalize ({names})")
+        raise ConfigError(f"{key}: RandomErasing works on the normalised image; put it after Normalize ({names})")
     per_sample = [t for t in transforms if t is not normalize]
     return per_sample, normalize, (erasing[0] if erasing else None)
 
@@ -309,9 +309,10 @@ def build_dataset(split_cfg, split, num_classes, grid_size):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not split_cfg.get("dataset"):
         raise ConfigError(f"data.{split}.dataset is not set; e.g. dataset: {{name: ImageFolder, root: path/to/{split}}}")
+    transforms = [TRANSFORMS.build(t) for t in split_cfg.get("transforms") or []]
+    split_device_stage(transforms, f"data.{split}.transforms")   # order errors name the key, before any folder scan
     source = DATASETS.build(split_cfg["dataset"])
     store = LABEL_STORES.build(split_cfg["label_store"]) if split_cfg.get("label_store") else None
-    transforms = [TRANSFORMS.build(t) for t in split_cfg.get("transforms") or []]
     if isinstance(grid_size, int):
         grid_size = (grid_size, grid_size)
     return TokenLabelDataset(source, transforms, store, num_classes, grid_size, targets=(split == "train"),

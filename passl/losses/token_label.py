@@ -7,9 +7,9 @@ U listed classes and ``bg`` for each other class. With logp = log_softmax(aux):
 
 and sum_c logp_c = sum_c aux_c - C * logsumexp(aux), so the dense term needs a softmax and a sum
 over [B, N, C] plus a gather of [B, N, U] -- no [B, N, C] target is ever built, and the gradient is
-written out (_DenseSoftCrossEntropy) rather than traced. The class-token
-target is small ([B, C]) and is built densely on device, then blended with the ground truth
-(optional) and mixed for MixToken: lam = 1 - box_area / N, t = lam t + (1 - lam) t[reversed batch].
+written out (_DenseSoftCrossEntropy) rather than traced. The class-token target is small ([B, C])
+and is built densely on device, then blended with the ground truth (optional) and mixed for
+MixToken: lam = 1 - box_area / N, t = lam t + (1 - lam) t[reversed batch].
 Images without label maps (or batches without compact targets) use the smoothed one-hot label.
 """
 import paddle
@@ -119,7 +119,7 @@ class _DenseSoftCrossEntropy(PyLayer):
     @staticmethod
     def backward(ctx, grad):
         prob, index, weight, a, coef = ctx.saved_tensor()
-        scale = grad / float(a.numel())                                          # d mean / d per_token
+        scale = grad / float(a.shape[0] * a.shape[1])                            # d mean / d per_token
         # in place on the saved softmax, which only this backward reads: a new [B, N, C] block per
         # op costs more than the op itself on the CPU
         out = prob.multiply_((coef * scale).unsqueeze(-1)).subtract_((a * scale).unsqueeze(-1))

@@ -55,6 +55,8 @@ def test_image_folder_classes_and_items(tmp_path):
     assert set(val[0]) == {"image", "label", "bad_image_index"} and val[0]["image"].shape == (3, 32, 32)
     with pytest.raises(ConfigError, match="num_classes"):
         build_dataset(cfg(root), "train", 2, (2, 2))
+    with pytest.raises(ConfigError, match=r"data\.train\.transforms: RandomHorizontalFlip comes after Normalize"):
+        build_dataset(cfg(root, transforms=[{"name": "Normalize"}, {"name": "RandomHorizontalFlip"}]), "train", 3, (2, 2))
 
 
 def test_class_names_file_orders_classes(tmp_path):
