@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
-from passl.utils.fileio import write_text
 from passl.errors import ConfigError, DataError
+from passl.utils.fileio import write_text
 
 __all__ = ["export_model", "eval_preprocessing", "load_exported", "preprocess_image", "predict", "PREPROCESS_FILE",
            "MODEL_PREFIX"]

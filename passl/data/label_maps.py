@@ -19,9 +19,9 @@ import os
 
 import numpy as np
 
-from passl.utils.fileio import atomic_path, write_text
 from passl.errors import DataError
 from passl.registry import LABEL_STORES
+from passl.utils.fileio import atomic_path, write_text
 
 __all__ = ["COVERAGES", "LabelStore", "NpyLabelStore", "PthLabelStore", "PackedLabelStore", "label_key",
            "coverage_region", "list_label_keys", "pack_label_maps", "write_npy_tree", "PACKED_FORMAT"]

@@ -173,7 +173,7 @@ class Loader:
         for batch in self.loader if self.loader is not None else self._load_here():
             if _ERROR_KEY in batch:
                 error = batch[_ERROR_KEY]
-                raise DataError(bytes(error.numpy() if isinstance(error, paddle.Tensor) else error).decode("utf-8"))
+                raise DataError(bytes(_numpy(error)).decode("utf-8"))
             bad = batch.pop("bad_image_index", None)
             if bad is not None and record is not None:
                 # workers cannot update the main process's dataset: report stand-ins here
@@ -188,7 +188,6 @@ class Loader:
             if finish is not None:   # uint8 images -> what the model sees, on the device
                 batch = finish(batch, erase)
             yield batch
-
 
     def _load_here(self):
         for keys in self.sampler:

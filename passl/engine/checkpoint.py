@@ -19,8 +19,8 @@ import shutil
 import numpy as np
 import paddle
 
-from passl.utils.fileio import atomic_path
 from passl.errors import CheckpointError
+from passl.utils.fileio import atomic_path
 
 __all__ = ["atomic_save", "load_file", "CheckpointManager", "find_latest", "optimizer_state_by_names",
            "optimizer_state_from_names", "rng_state", "set_rng_state", "weights_from"]

@@ -12,10 +12,10 @@ import os
 import numpy as np
 import paddle
 
-from passl.utils.fileio import atomic_path
 from passl.errors import CheckpointError
 from passl.models.lvvit import VARIANTS
 from passl.models.pos_embed import grid_of, resize_pos_embed
+from passl.utils.fileio import atomic_path
 
 __all__ = ["convert_torch_state_dict", "detect_variant", "extract_state_dict", "read_weights",
            "load_pretrained", "convert_checkpoint", "TORCH_SUFFIXES"]

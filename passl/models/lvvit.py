@@ -38,7 +38,7 @@ def _conv(in_chans, out_chans, kernel, stride, padding=0, bias=False):
 
 def _linear(in_features, out_features, bias=True):
     return Linear(in_features, out_features, weight_attr=paddle.ParamAttr(initializer=_trunc_normal),
-                     bias_attr=paddle.ParamAttr(initializer=Constant(0.0)) if bias else False)
+                  bias_attr=paddle.ParamAttr(initializer=Constant(0.0)) if bias else False)
 
 
 # ---------------------------------------------------------------------------------------------

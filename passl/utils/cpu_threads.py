@@ -1,4 +1,5 @@
-"""CPU math-library settings that must be in the environment before paddle is imported.
+"""CPU settings: the math-library environment set before paddle is imported (configure_cpu_threads)
+and the runtime settings made once it is (configure_cpu_runtime).
 
 Paddle's CPU build runs matrix products on one thread unless OMP_NUM_THREADS says otherwise, and
 its bundled MKL takes a slow code path on AMD processors unless MKL_DEBUG_CPU_TYPE=5. That variable
@@ -51,7 +52,6 @@ def paddle_already_imported():
     return "paddle" in sys.modules
 
 
-
 STRIDE_FLAG = "FLAGS_use_stride_kernel"
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -61,8 +61,8 @@ def configure_cpu_runtime(environ=None):
 
     - Paddle's strided (view) kernels are turned off. With them on, transpose, unbind and slicing
       return views, and every matmul, reshape or elementwise op that later reads a view takes a
-      slow strided path: attention ran ~2.7x slower and the lvvit_t training step ~1.3x slower
-      (benchmarks/bench_train.py). Contiguous copies are what Paddle did before views existed.
+      slow strided path: one attention layer took 128 ms forward+backward instead of 48 ms
+      (benchmarks/README.md). Contiguous copies are what Paddle did before views existed.
     - glibc keeps freed memory for reuse (see keep_freed_memory).
     Returns the names of what it changed.
     """
@@ -82,7 +82,8 @@ def keep_freed_memory():
 
     Paddle's CPU tensors come straight from malloc. By default glibc serves big blocks (the 51 MB
     stem activations of a batch of 16) with a fresh mmap and trims the heap after large frees, so
-    every step faults in and zeroes ~0.5 GB of new pages (~0.1 s per lvvit_t step on 2 cores).
+    every step faults in and zeroes ~0.5 GB of new pages (lvvit_t b16 on 2 cores: 4.7 s per step
+    instead of 3.0 s, benchmarks/README.md).
     With mmap off and no trimming, a step reuses the previous step's memory; the process keeps its
     peak footprint, as GPU caching allocators do. Returns False where mallopt is unavailable.
     """

@@ -45,4 +45,3 @@ def write_text(path, text):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     return path
-

@@ -23,8 +23,8 @@ import zipfile
 
 import numpy as np
 
-from passl.utils.fileio import atomic_path
 from passl.errors import CheckpointError
+from passl.utils.fileio import atomic_path
 
 __all__ = ["load_pth", "save_pth", "UnknownObject"]
 
