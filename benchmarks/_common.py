@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from passl.utils.cpu_threads import configure_cpu_runtime, configure_cpu_threads  # noqa: E402
+from passl.utils.cpu_threads import configure_cpu_runtime, configure_cpu_threads, cpu_model  # noqa: E402
 
 THREAD_ENV = configure_cpu_threads()   # before paddle is imported anywhere
 
@@ -144,7 +144,7 @@ def environment(device):
     return {"paddle": paddle.__version__, "python": platform.python_version(), "device": device,
             "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
-            "machine": platform.machine(), "load_average": load_average()}
+            "machine": platform.machine(), "cpu_model": cpu_model(), "load_average": load_average()}
 
 
 def emit(result, json_out=None):

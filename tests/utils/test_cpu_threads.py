@@ -20,11 +20,44 @@ def test_fills_in_what_is_unset(monkeypatch):
     assert applied == env
 
 
-def test_amd_gets_the_mkl_switch(monkeypatch):
-    monkeypatch.setattr(cpu_threads, "cpu_vendor", lambda: "AuthenticAMD")
+ZEN3 = {"fma", "avx", "avx2", "sse4_2"}
+ZEN4 = ZEN3 | {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"}
+
+
+@pytest.mark.parametrize("vendor, flags, expected", [
+    ("AuthenticAMD", ZEN4, "7"),                      # MKL's AVX-512 kernels
+    ("AuthenticAMD", ZEN3, "5"),                      # AVX2
+    ("AuthenticAMD", ZEN4 - {"avx512vl"}, "5"),       # a subset missing: 7 would die of SIGILL
+    ("AuthenticAMD", {"sse4_2", "avx"}, None),        # no AVX2: MKL's own choice
+    ("GenuineIntel", ZEN4, None),                     # MKL picks well on Intel; forcing AVX2 slows AVX-512
+    ("", set(), None),
+])
+def test_mkl_path_follows_vendor_and_flags(monkeypatch, vendor, flags, expected):
+    monkeypatch.setattr(cpu_threads, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_threads, "cpu_flags", lambda: frozenset(flags))
     env = {}
     cpu_threads.configure_cpu_threads(env)
-    assert env["MKL_DEBUG_CPU_TYPE"] == "5"
+    assert env.get("MKL_DEBUG_CPU_TYPE") == expected
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads /proc/cpuinfo (Linux)")
+def test_reads_this_machines_cpu():
+    flags = cpu_threads.cpu_flags()
+    assert cpu_threads.cpu_vendor() and cpu_threads.cpu_model() and flags
+    assert "fpu" in flags or "sse2" in flags       # every x86-64 processor lists them
+
+
+def test_the_chosen_mkl_path_runs_here(tmp_path):
+    """The setting picked for this machine runs a matrix product correctly (a wrong one is SIGILL)."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DEBUG_CPU_TYPE"}
+    cpu_threads.configure_cpu_threads(env)
+    code = ("import numpy as np, paddle; paddle.set_device('cpu'); r = np.random.RandomState(0);"
+            "a = r.randn(300, 200).astype('float32'); b = r.randn(200, 100).astype('float32');"
+            "out = paddle.matmul(paddle.to_tensor(a), paddle.to_tensor(b)).numpy();"
+            "print(float(np.abs(out - a.astype('f8') @ b.astype('f8')).max()))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (env.get("MKL_DEBUG_CPU_TYPE"), proc.stderr[-2000:])
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-3
 
 
 def test_user_values_are_kept(monkeypatch):
