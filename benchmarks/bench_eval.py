@@ -1,8 +1,11 @@
-"""Evaluation throughput (images/s): the eager model and the exported one (to_static + jit.save + jit.load).
+"""Evaluation throughput (images/s): the eager model, and the exported one (to_static + jit.save) run
+two ways: ``paddle.jit.load`` and a Paddle Inference predictor (passl.export.InferenceModel: oneDNN
+and fused passes on the CPU; what tools/predict.py uses).
 
 The model runs in eval mode (``cls + aux_weight * max over tokens of aux``) under no_grad on
-random images; both paths get the same input, and the JSON reports the largest difference between
-their outputs next to the timings (median of the timed batches, warm-up excluded). Prints one JSON object.
+random images; every path gets the same input, and the JSON reports the largest difference between
+each one's outputs and the eager model's next to the timings (median of the timed batches, warm-up
+excluded). Prints one JSON object.
 
     python benchmarks/bench_eval.py --model lvvit_t --batch-size 32
     python benchmarks/bench_eval.py -c configs/lvvit/lvvit_medium_384.yaml --batch-size 64 --device gpu
@@ -19,27 +22,40 @@ import _common  # noqa: E402  (sets the CPU thread environment before paddle)
 import numpy as np  # noqa: E402
 
 
+MODES = ("eager", "jit_load", "predictor")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common.add_model_args(p)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--modes", default="eager,exported", help="comma list of eager, exported")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))
     p.add_argument("--seed", type=int, default=0)
     return _common.add_common_args(p)
 
 
-def export_and_load(model, img_size, directory):
-    """to_static with a dynamic batch, jit.save to ``directory``, jit.load back. Returns (layer, MiB on disk)."""
+def export(model, img_size, directory):
+    """to_static with a dynamic batch, jit.save to ``directory``. Returns (path prefix, MiB on disk)."""
     import paddle
     spec = [paddle.static.InputSpec([None, 3, img_size[0], img_size[1]], "float32", name="images")]
     static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
     prefix = os.path.join(directory, "model")
     paddle.jit.save(static, prefix)
     size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
-    loaded = paddle.jit.load(prefix)
-    loaded.eval()
-    return loaded, size / 2 ** 20
+    return prefix, size / 2 ** 20
+
+
+def exported_runner(mode, prefix, device):
+    """A callable images -> logits (a paddle tensor) for ``jit_load`` or ``predictor``."""
+    import paddle
+    if mode == "jit_load":
+        loaded = paddle.jit.load(prefix)
+        loaded.eval()
+        return loaded
+    from passl.export import InferenceModel
+    predictor = InferenceModel(prefix, device)
+    return lambda images: paddle.to_tensor(predictor(images))
 
 
 def main(argv=None):
@@ -61,17 +77,20 @@ def main(argv=None):
     images = paddle.to_tensor(np.random.default_rng(args.seed).standard_normal(
         (args.batch_size, 3, img_size[0], img_size[1]), dtype=np.float32))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - {"eager", "exported"}
+    unknown = set(modes) - set(MODES)
     if unknown:
-        raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; use eager and/or exported")
+        raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; use {', '.join(MODES)}")
     results, outputs = {}, {}
     workdir = tempfile.mkdtemp(prefix="passl_bench_eval_")
     try:
+        prefix = saved_mb = None
         for mode in modes:
             runner = model
             extra = {}
-            if mode == "exported":
-                runner, extra["saved_mb"] = export_and_load(model, img_size, workdir)
+            if mode != "eager":
+                if prefix is None:
+                    prefix, saved_mb = export(model, img_size, workdir)
+                runner, extra["saved_mb"] = exported_runner(mode, prefix, device), saved_mb
             _common.reset_device_peak(device)
 
             def forward():
@@ -92,9 +111,10 @@ def main(argv=None):
     result = {"benchmark": "eval", "model": model_cfg["name"], "img_size": list(img_size),
               "batch_size": args.batch_size, "num_classes": model.num_classes, "modes": results,
               "peak_rss_mb": _common.peak_rss_mb(), "env": _common.environment(device)}
-    if "eager" in outputs and "exported" in outputs:
-        result["max_abs_diff_exported_vs_eager"] = float(
-            (outputs["eager"].astype("float32") - outputs["exported"].astype("float32")).abs().max())
+    if "eager" in outputs:
+        result["max_abs_diff_vs_eager"] = {
+            mode: float((outputs["eager"].astype("float32") - out.astype("float32")).abs().max())
+            for mode, out in outputs.items() if mode != "eager"}
     summary = ", ".join(f"{m} {r['images_per_s']:.1f} images/s" for m, r in results.items())
     print(f"{model_cfg['name']} eval batch {args.batch_size}: {summary}", file=sys.stderr)
     _common.emit(result, args.json_out)

@@ -4,6 +4,7 @@
 """
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 from passl.utils.cpu_threads import configure_cpu_threads  # noqa: E402
@@ -18,6 +19,7 @@ def build_parser():
     p.add_argument("--model", required=True, help="folder written by tools/export_model.py")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto (the GPU if Paddle has CUDA and one is visible), cpu, gpu, gpu:1")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...; any size)")
     return p
 
@@ -27,11 +29,13 @@ def main(argv=None):
     from passl.errors import DataError
     from passl.export import predict
 
-    results, errors = predict(args.model, args.images, args.topk, args.batch_size)
+    start = time.perf_counter()
+    results, errors = predict(args.model, args.images, args.topk, args.batch_size, args.device)
     for path, top in results:
         print(path)
         for rank, (index, name, prob) in enumerate(top, 1):
             print(f"  {rank}. {name:<24s} {prob:7.2%}  (class {index})")
+    print(f"predicted {len(results)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if errors:
         raise DataError(f"{len(errors)} of {len(args.images)} image(s) could not be read:\n  " + "\n  ".join(errors))
     return 0

@@ -63,11 +63,12 @@ def test_bench_train_config_error_is_one_line(tmp_path):
 def test_bench_eval_tiny(tmp_path):
     result = run_script("bench_eval.py", *TINY_MODEL, "--batch-size", "3", "--warmup", "1", "--repeats", "2",
                         tmp_path=tmp_path)
-    assert result["benchmark"] == "eval" and set(result["modes"]) == {"eager", "exported"}
+    assert result["benchmark"] == "eval" and set(result["modes"]) == {"eager", "jit_load", "predictor"}
     for mode in result["modes"].values():
         assert positive(mode["images_per_s"]) and positive(mode["batch_ms"])
-    assert positive(result["modes"]["exported"]["saved_mb"])
-    assert result["max_abs_diff_exported_vs_eager"] < 1e-4
+    assert positive(result["modes"]["jit_load"]["saved_mb"])
+    assert set(result["max_abs_diff_vs_eager"]) == {"jit_load", "predictor"}
+    assert all(diff < 1e-4 for diff in result["max_abs_diff_vs_eager"].values())
 
 
 def test_bench_data_tiny(tmp_path):

@@ -60,9 +60,9 @@ def test_exported_matches_eager_for_any_batch_size(exported):
     tmp, model = exported
     model.eval()
     layer, info = load_exported(str(tmp / "out"))
-    for batch in (1, 5):
+    for batch in (1, 5, 2):                        # a new batch shape after others: a fresh set of kernels
         images = paddle.randn([batch, 3, 32, 32])
-        np.testing.assert_allclose(layer(images).numpy(), model(images).numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(layer(images.numpy()), model(images).numpy(), atol=1e-5, rtol=0)
 
 
 def test_preprocess_json_records_the_config(exported):
@@ -101,6 +101,7 @@ def test_predict_prints_top_classes_and_names_a_corrupt_file(exported, tmp_path)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     done = _run(PREDICT, "--model", str(tmp / "out"), str(tmp_path / "big.jpg"), str(tmp_path / "small.png"))
     assert done.returncode == 0, done.stderr
+    assert "predicted 2 image(s)" in done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].endswith("big.jpg") and lines[4].endswith("small.png")
     # 3 classes -> 3 lines per image, each name once, the eager model's ranking and probabilities
@@ -122,3 +123,13 @@ def test_predict_prints_top_classes_and_names_a_corrupt_file(exported, tmp_path)
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     done = _run(PREDICT, "--model", str(tmp_path / "nothing"), str(tmp_path / "x.jpg"))
     assert done.returncode == 2 and "export_model" in done.stderr
+
+
+def test_a_folder_without_the_graph_is_a_clear_error(exported, tmp_path):
+    import shutil
+    tmp, _ = exported
+    shutil.copy(tmp / "out" / "preprocess.json", tmp_path / "preprocess.json")   # graph files left behind
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    done = _run(PREDICT, "--model", str(tmp_path), str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "inference.json" in done.stderr and "export_model" in done.stderr
+    assert "Traceback" not in done.stderr
