@@ -127,12 +127,18 @@ class InferenceModel:
         from paddle import inference
 
         from passl.utils.cpu_threads import available_cores
+        from passl.utils.distributed import cuda_available
+        kind, _, index = device.partition(":")
+        if kind not in ("auto", "cpu", "gpu") or (index and not (kind == "gpu" and index.isdigit())):
+            raise ConfigError(f"device {device!r}: use auto, cpu, gpu or gpu:N")
+        if kind == "gpu" and not cuda_available():
+            raise ConfigError(f"device {device!r}: this Paddle build has no CUDA or no GPU is visible; use cpu")
         graph, params = model_files(prefix)
         config = inference.Config(graph, params)
-        if device == "auto":
-            device = "gpu:0" if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else "cpu"
-        if device.startswith("gpu"):
-            config.enable_use_gpu(256, int(device.partition(":")[2] or 0))
+        if kind == "auto":
+            device = kind = "gpu" if cuda_available() else "cpu"
+        if kind == "gpu":
+            config.enable_use_gpu(256, int(index or 0))
         else:
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(threads or available_cores())

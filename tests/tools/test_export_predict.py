@@ -133,3 +133,24 @@ def test_a_folder_without_the_graph_is_a_clear_error(exported, tmp_path):
     done = _run(PREDICT, "--model", str(tmp_path), str(tmp_path / "x.png"))
     assert done.returncode == 2 and "inference.json" in done.stderr and "export_model" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_bad_device_is_a_clear_error(exported, tmp_path):
+    tmp, _ = exported
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    done = _run(PREDICT, "--model", str(tmp / "out"), "--device", "tpu", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "'tpu'" in done.stderr and "gpu:N" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _has_gpu():
+    from passl.utils.distributed import cuda_available
+    return cuda_available()
+
+
+@pytest.mark.skipif(_has_gpu(), reason="asks for a GPU where none is visible")
+def test_asking_for_a_missing_gpu_is_a_clear_error(exported, tmp_path):
+    tmp, _ = exported
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    done = _run(PREDICT, "--model", str(tmp / "out"), "--device", "gpu", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "no GPU is visible" in done.stderr and "Traceback" not in done.stderr
