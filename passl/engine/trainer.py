@@ -108,9 +108,9 @@ class Trainer:
             bar.close()
         result.update(weights=os.path.abspath(weights), which=which, seconds=round(time.time() - start, 2))
         self.last_eval = result
+        self._report_bad_images()
         if self.main:
-            with open(os.path.join(self.output_dir, "eval.json"), "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=1)
+            write_text(os.path.join(self.output_dir, "eval.json"), json.dumps(result, indent=1))
             print(f"eval {weights} ({which}): top1 {result['top1']:.3f}  top5 {result['top5']:.3f}  on "
                   f"{result['num_samples']} images in {result['seconds']:.1f} s "
                   f"-> {os.path.join(self.output_dir, 'eval.json')}", flush=True)
@@ -472,10 +472,14 @@ class Trainer:
         }
 
     def _report_bad_images(self):
-        """Count the images skipped as undecodable and list them all in output_dir/bad_images_<split>.txt
-        (rank 0 reports those its own loader met)."""
-        for split, dataset in self.datasets.items():
+        """Count the images skipped as undecodable and list them all in output_dir/bad_images_<split>.txt:
+        rank 0 writes those every rank's loader met (a collective: every rank calls this)."""
+        for split, dataset in sorted(self.datasets.items()):
             bad = sorted(set(getattr(dataset, "bad_images", None) or ()))
+            if self.world_size > 1:
+                gathered = []
+                dist.all_gather_object(gathered, bad)
+                bad = sorted(set().union(*gathered))
             if bad and self.main:
                 listing = os.path.join(self.output_dir, f"bad_images_{split}.txt")
                 write_text(listing, "".join(f"{path}\n" for path in bad))

@@ -82,6 +82,20 @@ def test_evaluation_is_exact_across_process_counts(tmp_path, image_data):
     assert results[2][0] == results[2][1] == results[1][0]
 
 
+def test_images_skipped_on_any_rank_are_listed(tmp_path, image_data):
+    """Round-robin evaluation deals the last of 10 validation images to rank 1 only; rank 0 lists it."""
+    import shutil
+    train_root, val_root = image_data
+    val_copy = tmp_path / "val"
+    shutil.copytree(val_root, val_copy)
+    corrupt = val_copy / "class_2" / "z_broken.png"          # sorts last: position 9, rank 1's
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    cfg = tiny_config(tmp_path, train_root, str(val_copy), epochs=1, data__val__skip_bad_images=True)
+    _launch(2, ["train", cfg, str(tmp_path)], tmp_path / "log")
+    assert (tmp_path / "out" / "bad_images_val.txt").read_text().splitlines() == [str(corrupt)]
+    assert "1 undecodable val image(s) were skipped" in (tmp_path / "out" / "train.log").read_text()
+
+
 def test_a_dying_rank_stops_the_run_with_a_clear_error(tmp_path, image_data):
     train_root, val_root = image_data
     cfg = tiny_config(tmp_path, train_root, val_root, epochs=3)

@@ -115,6 +115,22 @@ def test_evaluate_only_needs_only_validation_data(tmp_path, image_data, capsys):
     assert len(lines) == 1 and f"top1 {result['top1']:.3f}" in lines[0]
 
 
+def test_evaluate_only_lists_skipped_validation_images(tmp_path, image_data):
+    import shutil
+    train_root, val_root = image_data
+    _, code = _run(tiny_config(tmp_path, train_root, val_root, epochs=1))
+    assert code == 0
+    val_copy = tmp_path / "val"
+    shutil.copytree(val_root, val_copy)
+    corrupt = val_copy / "class_1" / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    cfg = load_config(tiny_config(tmp_path, train_root, str(val_copy), output_dir=str(tmp_path / "eval"),
+                                  data__val__skip_bad_images=True))
+    assert Trainer(cfg).evaluate_only(str(tmp_path / "out" / "best.pdckpt")) == 0
+    assert (tmp_path / "eval" / "bad_images_val.txt").read_text().splitlines() == [str(corrupt)]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["num_samples"] == 10
+
+
 def test_unwritable_output_dir_and_full_disk_fail_before_training(tmp_path, image_data, monkeypatch):
     train_root, val_root = image_data
     blocker = tmp_path / "file"
