@@ -67,8 +67,10 @@ def resolve_model_cfg(args, cfg=None):
 def select_device(name="auto"):
     """Set paddle's device: 'auto' = the first GPU when paddle is compiled with CUDA, else cpu."""
     import paddle
+
+    from passl.utils.distributed import cuda_available
     if name == "auto":
-        name = "gpu:0" if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() else "cpu"
+        name = "gpu:0" if cuda_available() else "cpu"
     paddle.set_device(name)
     if name == "cpu":
         configure_cpu_runtime()   # the same CPU settings as tools/train.py
