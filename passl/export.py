@@ -20,8 +20,8 @@ import numpy as np
 from passl.errors import ConfigError, DataError
 from passl.utils.fileio import write_text
 
-__all__ = ["export_model", "eval_preprocessing", "load_exported", "InferenceModel", "preprocess_image", "predict", "PREPROCESS_FILE",
-           "MODEL_PREFIX"]
+__all__ = ["export_model", "eval_preprocessing", "load_exported", "InferenceModel", "preprocess_image", "predict",
+           "PREPROCESS_FILE", "MODEL_PREFIX"]
 
 PREPROCESS_FILE = "preprocess.json"
 MODEL_PREFIX = "inference"
@@ -131,12 +131,12 @@ class InferenceModel:
         kind, _, index = device.partition(":")
         if kind not in ("auto", "cpu", "gpu") or (index and not (kind == "gpu" and index.isdigit())):
             raise ConfigError(f"device {device!r}: use auto, cpu, gpu or gpu:N")
-        if kind == "gpu" and not cuda_available():
+        if kind == "auto":
+            device = kind = "gpu" if cuda_available() else "cpu"
+        elif kind == "gpu" and not cuda_available():
             raise ConfigError(f"device {device!r}: this Paddle build has no CUDA or no GPU is visible; use cpu")
         graph, params = model_files(prefix)
         config = inference.Config(graph, params)
-        if kind == "auto":
-            device = kind = "gpu" if cuda_available() else "cpu"
         if kind == "gpu":
             config.enable_use_gpu(256, int(index or 0))
         else:

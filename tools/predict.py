@@ -19,7 +19,8 @@ def build_parser():
     p.add_argument("--model", required=True, help="folder written by tools/export_model.py")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto (the GPU if Paddle has CUDA and one is visible), cpu, gpu, gpu:1")
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU if Paddle has CUDA and one is visible), cpu, gpu, gpu:1")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...; any size)")
     return p
 
