@@ -1,6 +1,6 @@
 """Show what the model is trained on for one sample: the augmented image and every token's target.
 
-    python tools/inspect_labels.py -c configs/lvvit/lvvit_s.yaml --index 123 [--seed 0] \
+    python tools/inspect_labels.py -c configs/lvvit/lvvit_small.yaml --index 123 [--seed 0] \
         --out sample.npz [--png sample.png]
 
 sample.npz holds image [3, H, W] float32 (exactly what the model sees), token_targets [N, C] float32
@@ -11,9 +11,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-from passl.utils.cpu_threads import configure_cpu_threads  # noqa: E402
+from passl.utils.runtime import configure_process  # noqa: E402
 
-configure_cpu_threads()
+configure_process()
 
 from passl.utils import cli  # noqa: E402
 
