@@ -214,9 +214,9 @@ def _register_variant(name):
         for param in inspect.signature(LVViT).parameters.values() if param.name not in fixed])
 
     def factory(**kwargs):
-        kwargs = signature.bind(**kwargs)   # TypeError for an architecture keyword or a typo
-        kwargs.apply_defaults()
-        model = LVViT(**fixed, **kwargs.arguments)
+        bound = signature.bind(**kwargs)   # TypeError for an architecture keyword or a typo
+        bound.apply_defaults()
+        model = LVViT(**fixed, **bound.arguments)
         model.eval_cfg = variant.eval_cfg(model.img_size)
         return model
 

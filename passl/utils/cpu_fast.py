@@ -7,19 +7,30 @@ A CPU run turns them on through ``passl.utils.cpu_threads.configure_cpu_runtime(
 code). Each trick computes the same function as the code it replaces (tests/utils/test_cpu_fast.py
 checks values and gradients) and falls back to it wherever it does not apply.
 
-Paddle 3.3 CPU build, 2-core Intel Xeon (Sapphire/Emerald Rapids, AVX-512), lvvit_t shapes at
-batch 16 (x [16, 197, 240], aux [16, 196, 1000], images [16, 3, 224, 224]); plain and fast
-interleaved in one process, median ms of process CPU time (wall in brackets):
+Measured with ``python benchmarks/bench_cpu_fast.py`` (lvvit_t, batch 16): Paddle 3.3.1 CPU build,
+2-core Intel Xeon (family 6 model 207, AVX-512), OMP_NUM_THREADS=2, on a machine shared with other
+jobs (load average 3). Plain and fast alternate in one process (4 rounds of 5 calls); median ms per
+call, wall time / process CPU time (both threads):
 
-| trick | replaces | plain | fast | gain |
-|---|---|---|---|---|
-| ``Linear``: bias inside ``addmm``; its gradient as ones @ grad, a threaded matrix-vector product | ``nn.Linear.forward`` (broadcast add forward, one-thread reduction backward) | see below | | |
-| ``Normalize.normalize_batch`` as an inference-mode ``batch_norm`` (one fused pass) | broadcast ``(x - mean) / std`` | | | |
-| whole training step, lvvit_t b16 (both tricks) | | | | |
+    trick / shape                                   plain           fast
+    Linear, forward + backward: the bias inside ``addmm`` and its gradient as ones @ grad, a threaded
+    matrix-vector product (nn.Linear: a broadcast add, and a one-thread reduction in backward)
+      qkv, fc1: 240 -> 720 on [16, 197]             24.3 / 48.5     23.1 / 46.1
+      proj: 240 -> 240                               9.1 / 18.2      7.3 / 14.6
+      fc2: 720 -> 240                               17.2 / 34.4     16.5 / 33.1
+      aux_head: 240 -> 1000 on [16, 196]            60.9 / 121.7    24.4 / 48.3
+      summed over lvvit_t's 50 Linear layers       ~960 / ~1920    ~865 / ~1730  (~2% of a step)
+    Normalize.normalize_batch as an inference-mode batch_norm, one fused pass ((x - mean) / std:
+    two broadcast passes, one thread)
+      uint8 [16, 3, 224, 224]                       58.1 / 58.6      2.0 / 2.0    (~1% of a step)
 
-Measured by ``python benchmarks/bench_cpu_fast.py`` (prints every row; see benchmarks/README.md).
-Reversing the batch as an ``index_select`` gather, once here, is gone: ``x[::-1]`` is as fast as the
-gather on the CPU (paddle.flip was the slow kernel), so the plain code uses it on every device.
+The whole training step (model, loss, AdamW; row train_step) with the fast paths off / on, in three
+runs: 6817 / 6385 ms wall (20 steps each, load 3), 5584 / 5674 (8 steps, load 3), 12961 / 12572
+(8 steps, load 6): the gain is a few percent at most, the size of the machine's noise. Both are
+kept: each is a few lines here, tested against the plain code, and no layer was measurably slower.
+Reversing the batch with an ``index_select`` gather (once a trick here) is gone: ``x[::-1]`` costs
+~4 ms more per step (row reverse_batch: 2.8 vs 1.5 ms for the stem output, 9.3 vs 6.3 ms for aux;
+``paddle.flip``, the slow kernel, 13.2 and 40.3 ms), so the plain code uses it on every device.
 The dense loss's written-out gradient is not a CPU trick: it is the loss's formulation everywhere
 (passl/losses/token_label.py says why).
 """
