@@ -74,13 +74,8 @@ def _class_names(cfg, num_classes, class_names=None):
 
 
 def _load_weights(model, weights):
-    from passl.engine.checkpoint import load_file, weights_from
     from passl.models import load_pretrained
-    if str(weights).endswith(".pdckpt"):
-        state, _ = weights_from(load_file(weights), weights)
-        load_pretrained(model, state, log=lambda *a: None)
-    else:
-        load_pretrained(model, weights, log=lambda *a: None)
+    load_pretrained(model, weights, log=lambda *a: None)
 
 
 def export_model(cfg, weights, out_dir, class_names=None):

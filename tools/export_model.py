@@ -17,7 +17,7 @@ from passl.utils import cli  # noqa: E402
 
 def build_parser():
     p = cli.add_config_args(cli.parser(__doc__.splitlines()[0]))
-    p.add_argument("--load", required=True, metavar="WEIGHTS", help="weights (.pdparams, .pdckpt or converted .pth)")
+    p.add_argument("--load", required=True, metavar="WEIGHTS", help="weights (.pdparams, .pdckpt, .safetensors, .pth, PASSL .pd)")
     p.add_argument("--out", required=True, help="folder for inference.* and preprocess.json")
     p.add_argument("--class-names", help="file with one '<dir> [readable name]' per line (default: the val "
                                          "dataset's classes, or class_<i>)")

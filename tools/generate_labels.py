@@ -27,7 +27,7 @@ def build_parser():
     p = cli.add_config_args(cli.parser(__doc__.splitlines()[0]), required=False)
     p.add_argument("--images", required=True, help="image folder (e.g. dataset/train with <class_dir>/<image>)")
     p.add_argument("--out", required=True, help="label-map folder to write (or complete)")
-    p.add_argument("--weights", required=True, help="annotator weights (.pdparams, or a .pdckpt checkpoint)")
+    p.add_argument("--weights", required=True, help="annotator weights (.pdparams, a .pdckpt checkpoint, .safetensors, .pth)")
     p.add_argument("--arch", help="CNN annotator: small_cnn or a paddle.vision.models name (resnet18, ...); "
                                   "without it, -c gives an LV-ViT model")
     p.add_argument("--num-classes", type=int, help="classes of the CNN annotator")

@@ -17,7 +17,8 @@ from passl.utils import cli  # noqa: E402
 
 def build_parser():
     p = cli.add_config_args(cli.parser(__doc__.splitlines()[0]))
-    p.add_argument("--load", metavar="WEIGHTS", help="start from these model weights (.pdparams)")
+    p.add_argument("--load", metavar="WEIGHTS", help="start from these model weights (.pdparams, .pdckpt, "
+                                                     ".safetensors, .pth / .pth.tar, PASSL .pd)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run exactly; without a path, the latest checkpoint in output_dir")
     p.add_argument("--evaluate-only", action="store_true", help="evaluate --load on the validation set and exit")

@@ -153,14 +153,14 @@ class LVViTAnnotator:
 
 
 def _read_state(path):
-    """State dict from a .pdparams file or a Trainer checkpoint (.pdckpt: its best weights)."""
+    """Paddle-layout state dict {key: numpy array} from any weights file passl.io reads (.pdparams,
+    .pdckpt: its best weights, .safetensors, .pth); never runs code from the file."""
     import os
 
-    from passl.engine.checkpoint import load_file, weights_from
+    from passl.models.convert import read_weights
     if not os.path.isfile(path):
         raise CheckpointError(f"annotator weights not found: {path}")
-    state, _ = weights_from(load_file(path), path)
-    return state
+    return read_weights(path)
 
 
 def load_cnn_weights(net, path):
@@ -193,12 +193,10 @@ def build_cnn_annotator(arch, num_classes, weights, width=16):
 
 
 def build_lvvit_annotator(model_cfg, weights):
-    """LVViTAnnotator from a config's ``model:`` section and weights (.pdparams / .pdckpt / .pth)."""
+    """LVViTAnnotator from a config's ``model:`` section and weights (.pdparams / .pdckpt / .pth /
+    .safetensors)."""
     import passl
     from passl.models import load_pretrained
     model = passl.build_model(model_cfg)
-    if str(weights).endswith(".pdckpt"):
-        load_pretrained(model, _read_state(weights), log=lambda *a: None)
-    else:
-        load_pretrained(model, weights, log=lambda *a: None)
+    load_pretrained(model, weights, log=lambda *a: None)
     return LVViTAnnotator(model, model_cfg.get("name", "lvvit"))

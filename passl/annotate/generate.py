@@ -80,7 +80,7 @@ def _target(out_dir, store, key):
 def _write_atomic(path, label_map):
     """Write one map whole or not at all (an interrupted run leaves no half file to skip later)."""
     if path.endswith(".pth"):
-        from passl.utils.pth_io import save_pth
+        from passl.io.pth import save_pth
         save_pth(label_map, path)
     else:
         with atomic_path(path) as tmp:

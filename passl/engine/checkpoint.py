@@ -5,6 +5,7 @@ Layout of ``output_dir``:
     latest.pdckpt       the newest state, end of epoch or mid-epoch (Ctrl-C)
     best.pdckpt         the epoch whose model or EMA scored the best top-1
     best_model.pdparams just the best weights (model or EMA, whichever won), for --load / export
+    best_model.safetensors  the same weights as .safetensors (variant, img_size, epoch in its metadata)
 
 A checkpoint is a dict: model, optimizer (keyed by structured parameter names, so it does not
 depend on Paddle's internal tensor names), scaler, ema, epoch, batch (position in that epoch),
@@ -30,9 +31,8 @@ SEP = "/"   # between a structured parameter name and an accumulator suffix
 
 def atomic_save(obj, path):
     """``paddle.save(obj, path)`` through a temporary file in the same directory and a rename."""
-    with atomic_path(path) as tmp:
-        paddle.save(obj, tmp)
-    return path
+    from passl.io import write_paddle
+    return write_paddle(obj, path)
 
 
 def _atomic_link(src, dst):
@@ -46,14 +46,11 @@ def _atomic_link(src, dst):
 
 
 def load_file(path):
-    """Read a checkpoint or weights file; CheckpointError names the file when it cannot."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return paddle.load(path)
-    except Exception as e:  # paddle raises assorted types for truncated or foreign files
-        raise CheckpointError(f"{path}: cannot be read as a Paddle checkpoint ({type(e).__name__}: {e}); "
-                              "is it complete and saved by paddle.save?") from None
+    """Read a checkpoint or weights file without running code from it (passl.io): a Paddle pickle
+    comes back as ``paddle.load`` gave it (tensors as paddle Tensors, generator states as Paddle's);
+    other formats with numpy arrays. CheckpointError names the file when it cannot be read."""
+    from passl.io import read_state
+    return read_state(path, to_paddle=True)
 
 
 def find_latest(output_dir):
@@ -85,6 +82,7 @@ class CheckpointManager:
             _atomic_link(path, self.path("best.pdckpt"))
             if best_weights is not None:
                 atomic_save(best_weights, self.path("best_model.pdparams"))
+                _save_safetensors(best_weights, self.path("best_model.safetensors"), state, epoch)
         self._prune()
         return path
 
@@ -97,6 +95,16 @@ class CheckpointManager:
                        key=lambda p: int(re.search(r"epoch_(\d+)", p).group(1)))
         for old in files[:max(len(files) - self.keep_last, 0)]:
             os.remove(old)   # latest/best are separate links and survive
+
+
+def _save_safetensors(weights, path, state, epoch):
+    """The best weights as .safetensors, described by the run's model config and epoch."""
+    from passl.io import write_safetensors
+    from passl.models.convert import weights_metadata
+    config = state.get("config") if isinstance(state, dict) else None
+    best = (state.get("best") or {}) if isinstance(state, dict) else {}
+    meta = weights_metadata(weights, (config or {}).get("model"), epoch=epoch, which=best.get("which", "model"))
+    write_safetensors(weights, path, meta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from paddle.base import unique_name
 from passl.data.loader import build_loader
 from passl.engine.amp import resolve_amp
 from passl.engine.checkpoint import (CheckpointManager, find_latest, load_file, optimizer_state_by_names,
-                                     optimizer_state_from_names, rng_state, set_rng_state, weights_from)
+                                     optimizer_state_from_names, rng_state, set_rng_state)
 from passl.engine.ema import ModelEma
 from passl.engine.evaluate import evaluate
 from passl.engine.logging import DeviceMeter, MetricsWriter, format_eta, progress_bar, setup_logger
@@ -169,15 +169,11 @@ class Trainer:
                             seed=self.cfg["seed"], rank=self.rank, world_size=self.world_size)
 
     def _load_weights(self, model, path):
-        """Load initial weights; a .pdckpt gives its best weights. Returns which weights were used."""
+        """Load initial weights (any format load_pretrained reads; a .pdckpt gives its best weights).
+        Returns which weights were used: 'model', 'ema' or 'weights'."""
         from passl.models import load_pretrained
         log = self.log.info if self.main else (lambda *a, **k: None)
-        if path.endswith(".pdckpt"):
-            state, which = weights_from(load_file(path), path)
-            load_pretrained(model, state, allow_new_head=self.cfg["train"]["reinit_head"], log=log)
-            return which
-        load_pretrained(model, path, allow_new_head=self.cfg["train"]["reinit_head"], log=log)
-        return "weights"
+        return load_pretrained(model, path, allow_new_head=self.cfg["train"]["reinit_head"], log=log)["which"]
 
     def _setup(self, load, resume):
         cfg, tcfg = self.cfg, self.cfg["train"]

@@ -11,7 +11,7 @@ from passl.data import build_dataset
 from passl.data.label_maps import PACKED_DATA, PACKED_INDEX, coverage_region
 from passl.errors import DataError
 from passl.registry import LABEL_STORES
-from passl.utils.pth_io import save_pth
+from passl.io.pth import save_pth
 
 
 def write_tree(root, maps, kind):

@@ -32,7 +32,11 @@ def test_manager_keeps_last_and_links_latest_best(tmp_path):
     for epoch in range(1, 5):
         manager.save_epoch({"epoch": epoch}, epoch, is_best=epoch == 2, best_weights={"w": paddle.ones([1])})
     names = sorted(os.listdir(tmp_path))
-    assert names == ["best.pdckpt", "best_model.pdparams", "epoch_0003.pdckpt", "epoch_0004.pdckpt", "latest.pdckpt"]
+    assert names == ["best.pdckpt", "best_model.pdparams", "best_model.safetensors", "epoch_0003.pdckpt",
+                     "epoch_0004.pdckpt", "latest.pdckpt"]
+    from passl.io import read_safetensors, safetensors_metadata
+    assert read_safetensors(str(tmp_path / "best_model.safetensors"))["w"].tolist() == [1.0]
+    assert safetensors_metadata(str(tmp_path / "best_model.safetensors"))["epoch"] == "2"
     assert load_file(str(tmp_path / "best.pdckpt"))["epoch"] == 2
     assert load_file(find_latest(str(tmp_path)))["epoch"] == 4
     manager.save_latest({"epoch": 4, "batch": 3})

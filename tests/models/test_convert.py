@@ -9,7 +9,7 @@ import pytest
 from passl.errors import CheckpointError
 from passl.models import (convert_torch_state_dict, detect_variant, load_pretrained, resize_pos_embed)
 from passl.models.lvvit import LVViT
-from passl.utils.pth_io import save_pth
+from passl.io.pth import save_pth
 from lvvit_reference import PUBLISHED, reference_forward, reference_shapes, reference_state_dict
 
 SMALL = dict(dim=32, depth=2, num_classes=10, width=16, grid=4)
