@@ -37,8 +37,8 @@ _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 def refuse(path, what, why="a weights file holds arrays, numbers, strings and containers only"):
     """CheckpointError saying that ``path`` asked for ``what`` and that it was not run."""
-    return CheckpointError(f"{path}: refuses {what}: {why}; nothing in the file was run. If you trust its "
-                           "author, ask for a plain state dict (or a .safetensors file)")
+    return CheckpointError(f"{path}: refuses {what}: {why}; nothing in the file was run (ask its author for "
+                           "a plain state dict or a .safetensors file)")
 
 
 class Placeholder:

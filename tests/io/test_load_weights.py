@@ -135,3 +135,14 @@ def test_cnn_annotator_reads_safetensors_and_trainer_checkpoints(tmp_path):
         annotator = build_cnn_annotator("small_cnn", 3, str(tmp_path / name), width=4)
         for key, value in annotator.net.state_dict().items():
             np.testing.assert_array_equal(value.numpy(), state[key], err_msg=f"{name}: {key}")
+
+
+def test_bfloat16_weights_saved_by_paddle_load_as_their_values(tmp_path, weights):
+    """paddle.save writes a bfloat16 tensor as numpy uint16 (its bits), which Paddle takes back as bfloat16;
+    the restricted reader keeps the uint16 and loading must not read the bits as integers."""
+    path = str(tmp_path / "bf16.pdparams")
+    paddle.save({k: paddle.to_tensor(v).astype("bfloat16") for k, v in weights.items()}, path)
+    model = _model()
+    load_pretrained(model, path, log=lambda m: None)
+    for key, value in weights.items():     # bfloat16 keeps 8 significant bits
+        np.testing.assert_allclose(model.state_dict()[key].numpy(), value, rtol=2 ** -8, atol=1e-30, err_msg=key)
