@@ -628,3 +628,52 @@ def test_volo_annotates_with_its_aux_head(tmp_path):
         assert maps.shape == (2, 2, 2, 2)
         np.testing.assert_array_equal(maps[1], order.astype(np.float16))
         np.testing.assert_allclose(maps[0].astype(np.float32), np.take_along_axis(aux, order, 0), rtol=2e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped configs carry the release's recipe (values written out here by hand from its README / main.py)
+
+def _config(name):
+    import os
+
+    from passl.config import load_config
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return load_config(os.path.join(root, "configs", "volo", name))
+
+
+@pytest.mark.parametrize("name,model,lr,drop_path", [("volo_d1.yaml", "volo_d1", 1.6e-3, 0.1),
+                                                     ("volo_d2.yaml", "volo_d2", 1.0e-3, 0.2),
+                                                     ("volo_d3.yaml", "volo_d3", 1.0e-3, 0.5),
+                                                     ("volo_d4.yaml", "volo_d4", 1.0e-3, 0.5),
+                                                     ("volo_d5.yaml", "volo_d5", 8.0e-4, 0.75)])
+def test_pretraining_configs(name, model, lr, drop_path):
+    cfg = _config(name)
+    assert (cfg["model"]["name"], cfg["model"]["img_size"], cfg["model"]["drop_path_rate"]) == (model, 224, drop_path)
+    opt, sched, loss = cfg["optimizer"], cfg["lr_schedule"], cfg["loss"]
+    assert (opt["lr"], opt["reference_batch"], opt["weight_decay"], cfg["data"]["train"]["batch_size"]) == \
+        (lr, 1024, 0.05, 128)
+    assert cfg["epochs"] == 310 and (sched["name"], sched["warmup_epochs"], sched["min_lr"], sched["cooldown_epochs"]) \
+        == ("WarmupCosine", 20, 1e-5, 10)
+    assert (loss["cls_weight"], loss["dense_weight"], loss["ground_truth"]) == (1.0, 0.5, False)
+    assert cfg["ema"]["enable"] is False
+    assert cfg["data"]["train"]["label_store"]["name"] == "npy"
+    assert cfg["data"]["val"]["transforms"][0]["crop_pct"] == 0.96
+
+
+@pytest.mark.parametrize("name,model,size,batch,drop_path,crop_pct", [
+    ("volo_d1_384.yaml", "volo_d1", 384, 64, 0.1, 1.0), ("volo_d2_384.yaml", "volo_d2", 384, 48, 0.2, 1.0),
+    ("volo_d3_448.yaml", "volo_d3", 448, 30, 0.5, 1.0), ("volo_d4_448.yaml", "volo_d4", 448, 24, 0.5, 1.15),
+    ("volo_d5_448.yaml", "volo_d5", 448, 16, 0.75, 1.15), ("volo_d5_512.yaml", "volo_d5", 512, 12, 0.75, 1.15)])
+def test_finetuning_configs(name, model, size, batch, drop_path, crop_pct):
+    cfg = _config(name)
+    assert (cfg["model"]["name"], cfg["model"]["img_size"], cfg["model"]["drop_path_rate"]) == (model, size, drop_path)
+    opt, sched = cfg["optimizer"], cfg["lr_schedule"]
+    assert (opt["lr"], opt["reference_batch"], opt["weight_decay"]) == (8e-6, 8 * batch, 1e-8)
+    assert (sched["warmup_epochs"], sched["min_lr"], sched["cooldown_epochs"], cfg["epochs"]) == (5, 4e-6, 10, 40)
+    assert cfg["loss"]["ground_truth"] is True and cfg["loss"]["dense_weight"] == 0.5
+    assert cfg["data"]["train"]["batch_size"] == batch
+    sizes = [t["size"] for t in cfg["data"]["train"]["transforms"] + cfg["data"]["val"]["transforms"] if "size" in t]
+    assert set(sizes) == {size} and cfg["data"]["val"]["transforms"][0]["crop_pct"] == crop_pct
+    with paddle.LazyGuard():
+        built = passl.build_model(cfg["model"])
+    assert built.grid_size == (size // 16, size // 16)       # the token-label grid: 24 / 28 / 32
