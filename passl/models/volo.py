@@ -282,6 +282,56 @@ class VOLO(nn.Layer):
             _trunc_normal(layer.weight)
             Constant(0.0)(layer.bias)
 
+    @property
+    def depth(self):
+        """Blocks in all: outlookers, transformer blocks and class-attention blocks."""
+        return sum(len(stage) for stage in (self.network[0], *self.network[2:])) + len(self.post_network)
+
+    def count_macs(self, img_size=None):
+        """Multiply-adds for one image, counted as passl.models.complexity counts LV-ViT's: convolutions,
+        Linear layers and the attention products (outlook attention's A @ V included; its fold only adds).
+        Returns {"total", "stem", "blocks", "attention", "heads", "grid", "tokens"}. At 224 px: 6.92 / 14.31 /
+        20.73 / 44.26 / 72.30 G for D1-D5, within 2% of the paper's table for D1-D4 (6.8 / 14.1 / 20.6 / 43.8)
+        and 5% over for D5 (69.0); the paper does not say how it counted."""
+        img_h, img_w = self.img_size if img_size is None else (
+            (img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
+        fine = (img_h // PATCH_SIZE) * (img_w // PATCH_SIZE)
+        rows, cols = img_h // PATCH_SIZE // POOLING_SCALE, img_w // PATCH_SIZE // POOLING_SCALE
+        tokens = rows * cols
+
+        def conv(layer, outputs):
+            out_ch, in_per_group, kh, kw = layer.weight.shape
+            return outputs * out_ch * in_per_group * kh * kw
+
+        def linears(layer, count):   # every Linear in ``layer`` (itself included) at ``count`` positions
+            return sum(count * sub.weight.shape[0] * sub.weight.shape[1]
+                       for sub in layer.sublayers(include_self=True) if isinstance(sub, nn.Linear))
+
+        convs = [m for m in self.patch_embed.conv if isinstance(m, nn.Conv2D)]
+        stem = conv(convs[0], img_h * img_w // 4) + sum(conv(c, img_h * img_w // 4) for c in convs[1:])
+        stem += conv(self.patch_embed.proj, fine)
+        blocks = attention = 0
+        for block in self.network[0]:
+            windows, dim = tokens, block.norm1.weight.shape[0]     # one window per 2 x 2 cell
+            attn = block.attn
+            blocks += linears(attn.v, fine) + linears(attn.proj, fine) + linears(block.mlp, fine)
+            blocks += linears(attn.attn, windows)
+            attention += windows * attn.kernel_size ** 4 * dim       # A [k*k, k*k] @ V [k*k, head_dim] per head
+        blocks += conv(self.network[1].proj, tokens)
+        for stage in self.network[2:]:
+            for block in stage:
+                blocks += linears(block, tokens)
+                attention += 2 * tokens * tokens * block.norm1.weight.shape[0]
+        for block in self.post_network:
+            dim = block.norm1.weight.shape[0]
+            blocks += linears(block.attn.kv, tokens + 1) + linears(block.attn.q, 1) + linears(block.attn.proj, 1)
+            blocks += linears(block.mlp, 1)
+            attention += 2 * (tokens + 1) * dim
+        blocks += attention
+        heads = self.embed_dim * self.num_classes * (1 + tokens)
+        return {"total": stem + blocks + heads, "stem": stem, "blocks": blocks, "attention": attention,
+                "heads": heads, "grid": (rows, cols), "tokens": tokens}
+
     # -- pieces ----------------------------------------------------------------------------------
     def embed(self, images):
         """images [B, C_in, H, W] -> stem output [B, H/8, W/8, D0], checked against the model's grid."""

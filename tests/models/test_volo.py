@@ -467,6 +467,23 @@ def test_parameter_count_and_variant_detection(name):
         == (name, 384)
 
 
+def test_multiply_adds_of_a_tiny_volo_by_hand():
+    from passl.models.complexity import format_summary, summarize
+    summary = summarize({"name": "VOLO", "img_size": 32, **TINY})
+    macs = summary["macs"]
+    stem = 16 * 16 * 8 * 3 * 49 + 2 * 16 * 16 * 8 * 8 * 9 + 4 * 4 * 16 * 8 * 4 * 4      # 32 px -> 16 -> 4 x 4
+    outlooker = 16 * 16 * 16 * 2 + 16 * 16 * 48 * 2 + 4 * 16 * 162 + 4 * 81 * 16     # v, proj, mlp; attn on 4 cells
+    downsample = 4 * 32 * 16 * 4
+    transformer = 2 * (4 * 32 * 96 + 4 * 32 * 32 + 4 * 32 * 96 * 2 + 2 * 4 * 4 * 32)     # layers (1, 1, 1, 0): 2 blocks
+    post = 2 * (5 * 32 * 64 + 32 * 32 + 32 * 32 + 32 * 96 * 2 + 2 * 5 * 32)
+    heads = 32 * 5 * (1 + 4)
+    assert macs["stem"] == stem and macs["heads"] == heads
+    assert macs["attention"] == 4 * 81 * 16 + 2 * 2 * 4 * 4 * 32 + 2 * 2 * 5 * 32
+    assert macs["total"] == stem + outlooker + downsample + transformer + post + heads
+    assert macs["grid"] == (2, 2) and summary["depth"] == 5
+    assert "4 patch tokens" in format_summary(summary)
+
+
 def test_registered_variants_show_their_defaults():
     signature = inspect.signature(MODELS.get("volo_d3"))
     assert signature.parameters["layers"].default == (8, 8, 16, 4)
