@@ -175,7 +175,7 @@ def load_pretrained(model, source, allow_new_head=False, log=print, ema=False):
             weights["pos_embed"] = resize_pos_embed(weights["pos_embed"], new_grid, old_grid)
             report["pos_embed_resized"] = (old_grid, new_grid)
             log(f"{name}: pos_embed resized from a {old_grid[0]}x{old_grid[1]} to a "
-                f"{new_grid[0]}x{new_grid[1]} token grid (bicubic, cls position kept)")
+                f"{new_grid[0]}x{new_grid[1]} token grid (bicubic{', cls position kept' if len(have) == 3 else ''})")
 
     head_differs = [k for k in _HEAD_KEYS if k in weights and k in targets
                     and tuple(weights[k].shape) != tuple(targets[k].shape)]

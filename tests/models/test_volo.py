@@ -513,7 +513,8 @@ def _write_label_maps(image_root, label_root, grid=4, k=2):
             scores[0], scores[1] = 4.0, 1.0
             classes[0, :, :grid // 2], classes[0, :, grid // 2:] = label, (label + 1) % 3
             classes[1] = (label + 2) % 3
-            np.save(os.path.join(label_root, class_dir, os.path.splitext(name)[0] + ".npy"), np.stack([scores, classes]))
+            stem = os.path.splitext(name)[0]
+            np.save(os.path.join(label_root, class_dir, stem + ".npy"), np.stack([scores, classes]))
 
 
 @pytest.fixture
@@ -634,7 +635,7 @@ def test_volo_annotates_with_its_aux_head(tmp_path):
     model.eval()
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     for i in range(3):
-        pixels = np.asarray(Image.open(tmp_path / "images" / f"c{i}" / "a.png"), np.float64) / 255.0   # 32 x 32: no resize
+        pixels = np.asarray(Image.open(tmp_path / "images" / f"c{i}" / "a.png"), np.float64) / 255.0  # 32 px: as is
         x = paddle.to_tensor(((pixels - mean) / std).transpose(2, 0, 1)[None].astype("float32"))
         with paddle.no_grad():
             tokens = model.forward_features(x).numpy()[0, 1:]                                   # [N, D]
