@@ -60,8 +60,8 @@ class VOLOStem(nn.Layer):
 # stage 1: outlook attention
 
 class OutlookAttention(nn.Layer):
-    """Outlook attention (VOLO eq. 1-5). For each k x k window, centred every ``stride`` pixels, the
-    attention weights come straight from the centre: A = softmax(scale * Linear(avgpool_stride(x)))
+    """Outlook attention, as the VOLO paper defines it. For each k x k window, centred every ``stride``
+    pixels, the attention weights come straight from the centre: A = softmax(scale * Linear(avgpool_stride(x)))
     reshaped to [heads, k*k, k*k]; the window's values V (a Linear of x, gathered with ``unfold``) become
     A @ V, and the k*k outputs of every window are summed back onto the map (``fold``). Then ``proj``.
     No queries or keys: ``v`` and ``attn`` are the only inputs of the mixing.
@@ -82,7 +82,8 @@ class OutlookAttention(nn.Layer):
         self.proj_drop = nn.Dropout(proj_drop)
         # fold as a transposed conv whose kernel puts input channel c*k*k + q at window position q of output
         # channel c: Paddle's F.fold rejects the unknown batch size of an exported model (it asserts
-        # prod(shape) >= 0 on the symbolic shape); the same sum, ~1.3x F.fold's CPU time
+        # prod(shape) >= 0 on the symbolic shape); the same sum, at 61 vs 48 ms of CPU time for F.fold
+        # (forward + backward, batch 16 of D1's 28 x 28 x 192 map, 2 cores)
         one_hot = paddle.eye(kernel_size ** 2).reshape([kernel_size ** 2, 1, kernel_size, kernel_size])
         self.register_buffer("fold_kernel", one_hot.tile([dim, 1, 1, 1]), persistable=False)
 

@@ -64,7 +64,8 @@ def _conv2d(x, weight, bias, stride, padding):
 
 
 def outlook_attention_reference(x, weights, prefix, heads, kernel=3, padding=1, stride=2):
-    """VOLO eq. (1)-(5), one window at a time. x [B, H, W, C]; keys <prefix>.v / .attn / .proj."""
+    """Outlook attention as the VOLO paper defines it, one window at a time.
+    x [B, H, W, C]; keys <prefix>.v / .attn / .proj."""
     batch, height, width, dim = x.shape
     head_dim = dim // heads
     values = _linear(x, weights, prefix + ".v")
