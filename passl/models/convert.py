@@ -19,8 +19,9 @@ import numpy as np
 import paddle
 
 from passl.errors import CheckpointError
+from passl.models import vit, volo
 from passl.models.lvvit import VARIANTS
-from passl.models.pos_embed import grid_of, resize_pos_embed
+from passl.models.pos_embed import grid_of, pos_embed_grid, resize_pos_embed
 
 __all__ = ["convert_torch_state_dict", "detect_variant", "extract_state_dict", "read_weights",
            "load_pretrained", "convert_checkpoint", "weights_metadata", "TORCH_SUFFIXES"]
@@ -111,13 +112,22 @@ def _is_torch_layout(state_dict):
     return any(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in state_dict)
 
 
-def detect_variant(state_dict):
-    """(name, img_size) of an LV-ViT state dict (PyTorch or Paddle layout) from its shapes.
+# families with a key layout of their own: each matcher returns (variant or None, img_size) for a state
+# dict of its family and None otherwise; LV-ViT, the original layout, is what remains
+FAMILY_MATCHERS = (volo.match_state_dict, vit.match_state_dict)
 
-    name is one of lvvit_t/s/m/l, or None when no published variant has this width, depth and stem;
-    img_size = token grid side * patch size (e.g. 224 for 14x14, 448 for 28x28).
+
+def detect_variant(state_dict):
+    """(name, img_size) of an LV-ViT, VOLO or ViT/DeiT state dict (PyTorch or Paddle layout) from its shapes.
+
+    name is a registered variant (lvvit_t/s/m/l, volo_d1..d5, deit_tiny/small/base), or None when no
+    published variant has these shapes; img_size = token grid side * 16 (e.g. 224 for 14x14, 448 for 28x28).
     """
     sd = strip_prefixes(state_dict)
+    for match in FAMILY_MATCHERS:
+        found = match(sd)
+        if found is not None:
+            return found
     if "pos_embed" not in sd:
         raise CheckpointError("not an LV-ViT state dict: no 'pos_embed' key "
                               f"(first keys: {', '.join(list(sd)[:8])})")
@@ -219,15 +229,18 @@ def load_pretrained(model, source, allow_new_head=False, log=print, ema=False):
     targets = model.state_dict()
     report = {"source": name, "which": which, "loaded": 0, "pos_embed_resized": None, "reinitialized": []}
 
+    if hasattr(model, "complete_weights"):   # a model that fills keys its family's foreign checkpoints lack
+        weights = model.complete_weights(weights, log=lambda message: log(f"{name}: {message}"))
+
     if "pos_embed" in weights and "pos_embed" in targets:
         have, want = weights["pos_embed"].shape, tuple(targets["pos_embed"].shape)
-        if have != want and len(have) == 3 and have[2] == want[2]:
-            new_grid = tuple(getattr(model, "grid_size", grid_of(want[1] - 1)))
-            old_grid = grid_of(have[1] - 1)
+        if have != want and len(have) == len(want) and have[-1] == want[-1]:
+            new_grid = tuple(getattr(model, "grid_size", pos_embed_grid(want)))
+            old_grid = pos_embed_grid(have)
             weights["pos_embed"] = resize_pos_embed(weights["pos_embed"], new_grid, old_grid)
             report["pos_embed_resized"] = (old_grid, new_grid)
             log(f"{name}: pos_embed resized from a {old_grid[0]}x{old_grid[1]} to a "
-                f"{new_grid[0]}x{new_grid[1]} token grid (bicubic, cls position kept)")
+                f"{new_grid[0]}x{new_grid[1]} token grid (bicubic{', cls position kept' if len(have) == 3 else ''})")
 
     head_differs = [k for k in _HEAD_KEYS if k in weights and k in targets
                     and tuple(weights[k].shape) != tuple(targets[k].shape)]
@@ -271,7 +284,7 @@ def load_pretrained(model, source, allow_new_head=False, log=print, ema=False):
 
 
 def convert_checkpoint(src, dst, ema=False, img_size=None, force=False, log=print):
-    """Convert an LV-ViT weights file (PyTorch .pth / .pth.tar, PASSL .pd, .pdparams, .pdckpt,
+    """Convert an LV-ViT / VOLO / ViT weights file (PyTorch .pth / .pth.tar, PASSL .pd, .pdparams, .pdckpt,
     .safetensors) to a Paddle ``.pdparams`` or a ``.safetensors`` file (by ``dst``'s suffix; the latter
     records variant, img_size and num_classes in its metadata), atomically.
 
@@ -283,7 +296,7 @@ def convert_checkpoint(src, dst, ema=False, img_size=None, force=False, log=prin
         raise CheckpointError(f"{dst} exists; pass --force to overwrite it")
     weights, which = _read_weights(src, ema)
     variant, size = detect_variant(weights)
-    patch = size // grid_of(weights["pos_embed"].shape[1] - 1)[0]
+    patch = size // pos_embed_grid(weights["pos_embed"].shape)[0]
     if img_size is not None and img_size != size:
         if img_size % patch:
             raise CheckpointError(f"--img-size {img_size} must be divisible by the patch size {patch}")
