@@ -15,6 +15,7 @@ from paddle.base import unique_name
 
 import passl
 from passl.config import dump_config
+from passl.data import build_dataset, collate_fn
 from passl.data.loader import Loader, build_loader
 from passl.engine.amp import AmpSettings, resolve_amp
 from passl.engine.checkpoint import (CheckpointManager, Progress, check_resumable, find_latest, load_file,
@@ -78,9 +79,9 @@ def build_split_loader(session, split, model):
     split_cfg = session.cfg["data"][split]
     if split_cfg.get("dataset") is None:
         return None
-    dataset = passl.data.build_dataset(split_cfg, split, model.num_classes, tuple(model.grid_size),
-                                       getattr(model, "img_size", None))
-    return build_loader(dataset, split_cfg, passl.data.collate_fn, train=split == "train",
+    dataset = build_dataset(split_cfg, split, model.num_classes, tuple(model.grid_size),
+                            getattr(model, "img_size", None))
+    return build_loader(dataset, split_cfg, collate_fn, train=split == "train",
                         seed=session.cfg["seed"], rank=session.rank, world_size=session.world_size)
 
 

@@ -84,12 +84,15 @@ def train_one_epoch(run):
     flags: NonFiniteLoss or Interrupted is raised there, before any further step.
     """
     progress, accum = run.progress, run.optimizer_step.accum_steps
-    n_batches = run.steps_per_epoch * accum   # leftover micro-batches would spill into the next epoch
+    n_batches = run.steps_per_epoch * accum
     run.train_loader.set_epoch(progress.epoch, progress.batch)
     run.model.train()
     with EpochReport(run.log, run.metrics, run.session.main, progress.epoch, run.cfg["epochs"],
                      run.steps_per_epoch, run.global_batch, start_step=progress.batch // accum) as report:
-        for batch_index, batch in report.timed(zip(range(progress.batch, n_batches), run.train_loader)):
+        # iterated to its end when possible: a DataLoader left mid-way keeps its worker processes
+        for batch_index, batch in report.timed(enumerate(run.train_loader, start=progress.batch)):
+            if batch_index >= n_batches:   # leftover micro-batches would spill into the next epoch
+                break
             if batch_index % accum == 0:
                 paddle.seed(step_seed(run.cfg["seed"], run.session.rank, progress.global_step))
             update = (batch_index + 1) % accum == 0     # the last micro-batch of an optimizer step

@@ -197,3 +197,27 @@ def test_skipped_bad_images_are_counted_and_listed(tmp_path, image_data, caplog)
         with pytest.raises(PasslError, match="broken.png"):
             _run(tiny_config(tmp_path, train_copy, val_root, epochs=1, output_dir=str(tmp_path / f"strict{workers}"),
                              data__train__num_workers=workers))
+
+
+def _child_processes():
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == os.getpid():
+                children.add(int(entry))
+    return children
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts processes through /proc")
+def test_loader_workers_do_not_outlive_their_epoch(tmp_path, image_data):
+    train_root, val_root = image_data
+    before = _child_processes()
+    code = _run(tiny_config(tmp_path, train_root, val_root, epochs=2, data__train__num_workers=2,
+                            data__val__num_workers=2))
+    assert code == 0
+    assert _child_processes() - before == set()
