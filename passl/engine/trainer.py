@@ -80,8 +80,9 @@ def train_one_epoch(run):
     """Train the rest of epoch ``progress.epoch``: all of it, or from ``progress.batch`` after a
     mid-epoch resume. Returns this process's mean loss over the micro-batches it ran.
 
-    Every ``log_interval`` optimizer steps and at the end of the epoch, the ranks agree on the
-    flags: NonFiniteLoss or Interrupted is raised there, before any further step.
+    Every ``log_interval`` optimizer steps, at the end of the epoch and, in a single process, right
+    after a stop request, the ranks agree on the flags: NonFiniteLoss or Interrupted is raised
+    there, before any further step.
     """
     progress, accum = run.progress, run.optimizer_step.accum_steps
     n_batches = run.steps_per_epoch * accum
@@ -93,7 +94,7 @@ def train_one_epoch(run):
         for batch_index, batch in report.timed(enumerate(run.train_loader, start=progress.batch)):
             if batch_index >= n_batches:   # leftover micro-batches would spill into the next epoch
                 break
-            if batch_index % accum == 0:
+            if batch_index % accum == 0:                # MixToken and drop path draw from (seed, rank, step)
                 paddle.seed(step_seed(run.cfg["seed"], run.session.rank, progress.global_step))
             update = (batch_index + 1) % accum == 0     # the last micro-batch of an optimizer step
             losses = train_step(run, batch, update)

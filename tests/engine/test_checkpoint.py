@@ -88,7 +88,8 @@ def test_weights_from_checkpoint_prefers_recorded_best():
 
 
 def _run_pieces(seed):
-    """A model with BN statistics, its OptimizerStep and EMA, as build_run makes them (other internal names each call)."""
+    """A model with BN statistics, its OptimizerStep and EMA, as build_run makes them (new internal names
+    on every call)."""
     paddle.seed(seed)
     model = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.BatchNorm1D(4), paddle.nn.Linear(4, 2))
     return model, OptimizerStep(paddle.optimizer.AdamW(learning_rate=0.01, parameters=model.parameters())), \

@@ -90,10 +90,11 @@ def test_only_the_main_process_prints_the_interval(caplog):
 
 def test_bad_images_are_listed_once_each(tmp_path, caplog):
     class Dataset:
-        bad_images = ["b.png", "a.png", "b.png"]
+        def __init__(self, bad_images):
+            self.bad_images = bad_images
     log = logging.getLogger("test_logging.bad")
     with caplog.at_level(logging.WARNING, logger=log.name):
-        report_bad_images({"train": Dataset(), "val": type("Clean", (), {"bad_images": []})()}, str(tmp_path), log, True)
+        report_bad_images({"train": Dataset(["b.png", "a.png", "b.png"]), "val": Dataset([])}, str(tmp_path), log, True)
     assert (tmp_path / "bad_images_train.txt").read_text() == "a.png\nb.png\n"
     assert not (tmp_path / "bad_images_val.txt").exists()
     assert "2 undecodable train image(s) were skipped (skip_bad_images: true), e.g. a.png" in caplog.text
