@@ -3,7 +3,7 @@
 Steps, each through the toolkit's own entry points (what a user runs by hand):
 
 1. build the example dataset (``passl.data.digit_scenes``, as tools/make_example.py) unless present;
-2. train the annotator, a small CNN, on image-level labels (the Trainer, configs/example/annotator_digits.yaml);
+2. train the annotator, a small CNN, on image-level labels (passl.engine.train, configs/example/annotator_digits.yaml);
 3. label every training image densely with it (``generate_label_maps``, as tools/generate_labels.py);
 4. train the same small LV-ViT twice on the same budget: with token labeling
    (configs/example/lvvit_digits_tl.yaml) and with the class token only (lvvit_digits_cls.yaml);
@@ -31,20 +31,18 @@ def _banner(log, text):
 
 
 def _train(config, overrides, log):
-    """Train with the Trainer from ``config`` + ``overrides``; then evaluate the final weights.
+    """Train with passl.engine.train from ``config`` + ``overrides``; then evaluate the final weights.
     Returns {top1, top5, seconds (training + evaluation), output_dir}."""
     from passl.config import load_config
-    from passl.engine.trainer import Trainer
+    from passl.engine import evaluate_only, train
     from passl.errors import PasslError
     cfg = load_config(config, overrides)
     start = time.time()
-    status = Trainer(cfg).train()
+    status = train(cfg)
     if status != 0:
         raise PasslError(f"training {config} stopped with status {status}; see {cfg['output_dir']}/train.log")
     final = os.path.join(cfg["output_dir"], "latest.pdckpt")   # the last epoch, not the best: no selection on val
-    evaluator = Trainer(cfg)
-    evaluator.evaluate_only(final)
-    result = evaluator.last_eval
+    result = evaluate_only(cfg, final)
     return {"top1": result["top1"], "top5": result["top5"], "seconds": time.time() - start,
             "output_dir": cfg["output_dir"], "weights": final}
 

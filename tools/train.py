@@ -39,11 +39,11 @@ def main(argv=None):
         raise ConfigError("--evaluate-only needs --load WEIGHTS (a .pdparams file or a checkpoint)")
     if args.evaluate_only and args.resume:
         raise ConfigError("--evaluate-only and --resume do not go together; use --load WEIGHTS")
-    from passl.engine.trainer import Trainer
-    trainer = Trainer(cfg)
+    from passl.engine import evaluate_only, train
     if args.evaluate_only:
-        return trainer.evaluate_only(args.load)
-    return trainer.train(load=args.load, resume=args.resume)
+        evaluate_only(cfg, args.load)
+        return 0
+    return train(cfg, load=args.load, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def split_device_stage(transforms, key="transforms"):
     return per_sample, normalize, (erasing[0] if erasing else None)
 
 
-def build_dataset(split_cfg, split, num_classes, grid_size):
+def build_dataset(split_cfg, split, num_classes, grid_size, img_size=None):
     """The dataset of one split from its validated config section (``cfg['data'][split]``).
 
     split_cfg keys: dataset {name, ...} (DATASETS), label_store null | {name, ...} (LABEL_STORES),

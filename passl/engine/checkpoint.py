@@ -9,13 +9,16 @@ Layout of ``output_dir``:
 
 A checkpoint is a dict: model, optimizer (keyed by structured parameter names, so it does not
 depend on Paddle's internal tensor names), scaler, ema, epoch, batch (position in that epoch),
-global_step, rng (paddle, numpy, python), best, config.
+global_step, best, sampler (what the position means: world_size, batch_size, seed), rng (paddle,
+numpy, python), config. ``training_state`` assembles it; ``restore_training_state`` puts it back.
 """
+import dataclasses
 import glob
 import os
 import random
 import re
 import shutil
+from typing import Optional
 
 import numpy as np
 import paddle
@@ -24,7 +27,8 @@ from passl.errors import CheckpointError
 from passl.utils.fileio import atomic_path
 
 __all__ = ["atomic_save", "load_file", "CheckpointManager", "find_latest", "optimizer_state_by_names",
-           "optimizer_state_from_names", "rng_state", "set_rng_state", "weights_from"]
+           "optimizer_state_from_names", "rng_state", "set_rng_state", "Progress",
+           "training_state", "check_resumable", "restore_training_state"]
 
 SEP = "/"   # between a structured parameter name and an accumulator suffix
 
@@ -163,16 +167,64 @@ def set_rng_state(state):
         paddle.set_cuda_rng_state(state["cuda"])
 
 
-def weights_from(obj, path="weights"):
-    """Model weights from a loaded file: a checkpoint gives its best weights, a state dict itself.
+# ---------------------------------------------------------------------------------------------
+# the training state: what a checkpoint holds and how a run continues from it
 
-    Returns ``(state_dict, which)``, ``which`` being 'model', 'ema' or 'weights'.
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands. ``epoch``: finished epochs; ``batch``: micro-batches done in the current
+    one (non-zero only in a mid-epoch checkpoint); ``global_step``: optimizer steps so far, which
+    is all the lr schedule needs; ``best``: {'top1', 'which' ('model' | 'ema'), 'epoch'} or None."""
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    best: Optional[dict] = None
+
+
+def training_state(model, optimizer_step, ema, progress, cfg, world_size):
+    """The checkpoint dict of a run: ``model`` unwrapped, ``optimizer_step`` an OptimizerStep,
+    ``ema`` a ModelEma or None, ``progress`` a Progress, ``cfg`` the resolved config."""
+    scaler = optimizer_step.scaler
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer_state_by_names(optimizer_step.optimizer, model),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "epoch": progress.epoch, "batch": progress.batch,
+        "global_step": progress.global_step, "best": progress.best,
+        "sampler": {"epoch": progress.epoch, "batch": progress.batch, "seed": cfg["seed"],
+                    "world_size": world_size, "batch_size": cfg["data"]["train"]["batch_size"]},
+        "rng": rng_state(), "config": cfg,
+    }
+
+
+def check_resumable(ckpt, path, world_size, batch_size):
+    """Raise CheckpointError unless ``ckpt`` is a training checkpoint this run can continue:
+    a mid-epoch position only means the same thing with the same processes x per-process batch."""
+    for key in ("model", "optimizer", "epoch", "batch", "global_step"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: not a training checkpoint (no '{key}'); use --load for weights")
+    sampler = ckpt.get("sampler", {})
+    if ckpt["batch"] and (sampler.get("world_size"), sampler.get("batch_size")) != (world_size, batch_size):
+        raise CheckpointError(f"{path} stopped mid-epoch with {sampler.get('world_size')} processes x batch "
+                              f"{sampler.get('batch_size')}; resume it with the same, or from an epoch checkpoint")
+
+
+def restore_training_state(ckpt, path, model, optimizer_step, ema):
+    """Load a checked ``ckpt`` (see check_resumable) into the freshly built run; returns its Progress.
+
+    An EMA the checkpoint lacks starts from the restored model weights. The random generators are
+    restored last, so the run continues their streams exactly.
     """
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        which = (obj.get("best") or {}).get("which", "model")
-        if which == "ema" and obj.get("ema"):
-            return obj["ema"], "ema"
-        return obj["model"], "model"
-    if isinstance(obj, dict):
-        return obj, "weights"
-    raise CheckpointError(f"{path}: expected a state dict or a checkpoint, got {type(obj).__name__}")
+    missing, unexpected = model.set_state_dict(ckpt["model"])
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: model keys do not match the config's model: missing {missing}, "
+                              f"unexpected {unexpected}")
+    optimizer_step.optimizer.set_state_dict(optimizer_state_from_names(ckpt["optimizer"], model))
+    if optimizer_step.scaler is not None and ckpt.get("scaler"):
+        optimizer_step.scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        ema.set_state_dict(ckpt.get("ema") or model.state_dict())
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    return Progress(**{k: ckpt.get(k) for k in ("epoch", "batch", "global_step", "best")})

@@ -19,7 +19,7 @@ from engine_helpers import make_image_folder, tiny_config  # noqa: E402
 
 from passl.config import load_config  # noqa: E402
 from passl.engine.checkpoint import load_file, set_rng_state  # noqa: E402
-from passl.engine.trainer import Trainer  # noqa: E402
+from passl.engine import train as run_training  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,8 @@ def runs(tmp_path_factory):
     straight, split = base / "straight", base / "split"
     straight.mkdir()
     split.mkdir()
-    assert Trainer(load_config(tiny_config(straight, train, val, epochs=2))).train() == 0
-    assert Trainer(load_config(tiny_config(split, train, val, epochs=1))).train() == 0
+    assert run_training(load_config(tiny_config(straight, train, val, epochs=2))) == 0
+    assert run_training(load_config(tiny_config(split, train, val, epochs=1))) == 0
     old = paddle.load(str(split / "out" / "latest.pdckpt"))       # the state as the old reader returned it
     scaler = _enabled_scaler(init_loss_scaling=1024.0, incr_every_n_steps=7)
     scaler._incr_count, scaler._decr_count = 3, 1
@@ -76,7 +76,7 @@ def test_old_checkpoint_resumes_to_the_uninterrupted_result(runs):
     resumed = runs["base"] / "resumed"
     resumed.mkdir()
     cfg = load_config(tiny_config(resumed, runs["train"], runs["val"], epochs=2))
-    assert Trainer(cfg).train(resume=runs["path"]) == 0
+    assert run_training(cfg, resume=runs["path"]) == 0
     final, expected = load_file(str(resumed / "out" / "latest.pdckpt")), load_file(
         str(runs["straight"] / "out" / "latest.pdckpt"))
     assert final["epoch"] == 2 and final["global_step"] == expected["global_step"]
@@ -92,4 +92,4 @@ def test_resume_from_a_weights_file_says_to_use_load(runs, tmp_path):
     write_safetensors({"w": np.ones(2, np.float32)}, weights)
     cfg = load_config(tiny_config(tmp_path, runs["train"], runs["val"], epochs=1))
     with pytest.raises(CheckpointError, match="not a training checkpoint .* use --load"):
-        Trainer(cfg).train(resume=weights)
+        run_training(cfg, resume=weights)

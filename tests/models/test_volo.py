@@ -547,7 +547,8 @@ def test_tiny_volo_trains_with_token_labels_resumes_exactly_and_exports(token_la
 
     from passl.config import load_config
     from passl.engine.checkpoint import load_file
-    from passl.engine.trainer import Trainer
+    from passl.engine import train
+    from passl.engine.step import OptimizerStep
     config, val_root = token_label_run
     from passl.losses.token_label import TokenLabelCrossEntropy
     seen = []
@@ -561,7 +562,7 @@ def test_tiny_volo_trains_with_token_labels_resumes_exactly_and_exports(token_la
     straight = config(tmp_path / "a")
     with monkeypatch.context() as patch:
         patch.setattr(TokenLabelCrossEntropy, "forward", recording_forward)
-        assert Trainer(load_config(straight)).train() == 0
+        assert train(load_config(straight)) == 0
     # 6 steps of 4 images; token targets pooled from the label maps on the model's 2 x 2 grid
     assert seen == [("TokenLabelOutput", (4, 4, 3), True, (4, 4))] * 6
     expected = load_file(str(tmp_path / "a" / "out" / "latest.pdckpt"))
@@ -570,18 +571,19 @@ def test_tiny_volo_trains_with_token_labels_resumes_exactly_and_exports(token_la
     metrics = [json.loads(line) for line in (tmp_path / "a" / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2] and all(0 <= m["val_top1"] <= 100 for m in metrics)
 
-    original = Trainer._optimizer_step
+    original, steps = OptimizerStep.step, [0]
 
-    def step_then_interrupt(self, step):
-        original(self, step)
-        if self.progress["global_step"] == 4:   # mid-epoch (3 steps per epoch)
+    def step_then_interrupt(self, lr):
+        original(self, lr)
+        steps[0] += 1
+        if steps[0] == 4:   # mid-epoch (3 steps per epoch)
             os.kill(os.getpid(), signal.SIGINT)
 
     interrupted = config(tmp_path / "b")
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_optimizer_step", step_then_interrupt)
-        assert Trainer(load_config(interrupted)).train() == 130
-    assert Trainer(load_config(interrupted)).train(resume="auto") == 0
+        patch.setattr(OptimizerStep, "step", step_then_interrupt)
+        assert train(load_config(interrupted)) == 130
+    assert train(load_config(interrupted), resume="auto") == 0
     resumed = load_file(str(tmp_path / "b" / "out" / "latest.pdckpt"))
     for part in ("model", "ema"):
         assert expected[part].keys() == resumed[part].keys()
