@@ -29,6 +29,7 @@ __all__ = ["convert_torch_state_dict", "detect_variant", "extract_state_dict", "
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar")
 _PREFIXES = ("module.", "_layers.")     # DataParallel (torch) and paddle.DataParallel wrappers
 _WRAPPER_PREFIXES = ("backbone.",)      # stripped when every key has it: PASSL's LVViTWrapper
+PADDLE_LAYOUT = "paddle"   # .safetensors metadata of files written here
 _HEAD_KEYS = ("head.weight", "head.bias", "aux_head.weight", "aux_head.bias")
 
 
@@ -146,13 +147,25 @@ def detect_variant(state_dict):
     return name, side * patch
 
 
+def _torch_layout_file(path, fmt):
+    """Whether the weights in ``path`` are in PyTorch layout (Linear weights (out, in)) whatever their
+    names say: every PyTorch file, and a .safetensors file whose metadata says ``format: pt`` (how timm
+    and the Hugging Face hub mark PyTorch tensors) unless this project wrote it (``layout: paddle``).
+    Other files are judged by their BN statistics' names (_is_torch_layout)."""
+    if fmt.name == "safetensors":
+        from passl.io import safetensors_metadata
+        meta = safetensors_metadata(path)
+        return meta.get("layout") != PADDLE_LAYOUT and meta.get("format") == "pt"
+    return fmt.name == "pytorch"
+
+
 def _read_weights(source, ema=False):
     """(Paddle-layout {key: numpy array}, which) of a path or a dict; see :func:`read_weights`."""
     torch_file = False
     if isinstance(source, (str, os.PathLike)):
         from passl.io import format_of, read_state
         path = os.fspath(source)
-        torch_file = format_of(path).name == "pytorch"      # PyTorch layout, BN statistics or not
+        torch_file = _torch_layout_file(path, format_of(path))   # BN statistics or not
         state_dict, which = _find_weights(read_state(path), ema, path)
     else:
         state_dict, which = _find_weights(source, ema, "state dict")
@@ -169,9 +182,10 @@ def read_weights(source, ema=False):
 
 
 def weights_metadata(state_dict, model_cfg=None, **extra):
-    """Strings describing weights, for a .safetensors header: variant (a published name such as
-    lvvit_s, else the config's model name), img_size, num_classes, and the config's ``model:`` section."""
-    meta = {}
+    """Strings describing weights, for a .safetensors header: layout ('paddle': Linear weights (in, out)),
+    variant (a published name such as lvvit_s, else the config's model name), img_size, num_classes, and
+    the config's ``model:`` section."""
+    meta = {"layout": PADDLE_LAYOUT}
     try:
         variant, size = detect_variant(state_dict)
         meta.update(variant=variant or (model_cfg or {}).get("name", "custom"), img_size=str(size))

@@ -14,6 +14,7 @@ from lvvit_reference import reference_state_dict  # noqa: E402
 from passl.errors import CheckpointError  # noqa: E402
 from passl.io import safetensors_metadata, save_pth, write_safetensors  # noqa: E402
 from passl.models import load_pretrained  # noqa: E402
+from passl.models.convert import weights_metadata  # noqa: E402
 from passl.models.lvvit import LVViT  # noqa: E402
 
 SHAPE = dict(dim=32, depth=1, num_classes=5, width=None, grid=2)
@@ -44,9 +45,11 @@ def _assert_holds(model, expected):
 def test_every_format_loads_the_same_weights(tmp_path, weights):
     torch_layout = reference_state_dict(np.random.default_rng(0), **SHAPE)
     files = {"pdparams": str(tmp_path / "w.pdparams"), "safetensors": str(tmp_path / "w.safetensors"),
+             "safetensors_torch": str(tmp_path / "model.safetensors"),
              "pth": str(tmp_path / "w.pth.tar"), "passl": str(tmp_path / "epoch_300.pd")}
     paddle.save({k: paddle.to_tensor(v) for k, v in weights.items()}, files["pdparams"])
-    write_safetensors(weights, files["safetensors"])
+    write_safetensors(weights, files["safetensors"], weights_metadata(weights))     # as this project writes it
+    write_safetensors(torch_layout, files["safetensors_torch"], {"format": "pt"})     # as timm / the hub write it
     save_pth({"state_dict": {"module." + k: v for k, v in torch_layout.items()}}, files["pth"])
     import pickle
     with open(files["passl"], "wb") as f:
@@ -56,7 +59,7 @@ def test_every_format_loads_the_same_weights(tmp_path, weights):
         model = _model()
         report = load_pretrained(model, path, log=lambda m: None)
         assert report["loaded"] == len(weights), name
-        assert report["which"] == ("weights" if name in ("pdparams", "safetensors") else "model"), name
+        assert report["which"] == ("weights" if name.startswith(("pdparams", "safetensors")) else "model"), name
         _assert_holds(model, weights)
 
 

@@ -99,9 +99,16 @@ def test_timm_checkpoint_converts_with_a_zero_aux_head_and_matches_the_reference
     dst = tmp_path / "vit.pdparams"
     assert convert_main(["--src", str(src), "--dst", str(dst)]) == 0
     assert "no published variant" in capsys.readouterr().out
+    # timm's .safetensors files hold the PyTorch tensors as they are (attn.proj is square: a missed
+    # transpose would load without a shape error); ours record the Paddle layout in their metadata
+    from safetensors.numpy import save_file
+    timm_safetensors = tmp_path / "model.safetensors"
+    save_file(dict(weights), str(timm_safetensors), metadata={"format": "pt"})
+    ours_safetensors = tmp_path / "vit.safetensors"
+    assert convert_main(["--src", str(timm_safetensors), "--dst", str(ours_safetensors)]) == 0
     x = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype("float32")
     expected = vit_reference_logits({k: v.astype(np.float64) for k, v in weights.items()}, x.astype(np.float64), 4)
-    for source in (str(dst), str(src)):
+    for source in (str(dst), str(src), str(timm_safetensors), str(ours_safetensors)):
         model = tiny()
         logs = []
         report = load_pretrained(model, source, log=logs.append)
