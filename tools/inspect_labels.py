@@ -1,6 +1,6 @@
 """Show what the model is trained on for one sample: the augmented image and every token's target.
 
-    python tools/inspect_labels.py -c configs/lvvit/lvvit_s.yaml --index 123 [--seed 0] \
+    python tools/inspect_labels.py -c configs/lvvit/lvvit_small.yaml --index 123 [--seed 0] \
         --out sample.npz [--png sample.png]
 
 sample.npz holds image [3, H, W] float32 (exactly what the model sees), token_targets [N, C] float32
@@ -56,7 +56,7 @@ def main(argv=None):
     import numpy as np
 
     from passl.config import load_config
-    from passl.data.datasets import inspect_sample
+    from passl.data.inspect import inspect_sample
 
     cfg = load_config(args.config, args.override)
     result = inspect_sample(cfg, args.index, args.seed)

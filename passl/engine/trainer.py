@@ -163,7 +163,8 @@ class Trainer:
         split_cfg = self.cfg["data"][split]
         if split_cfg.get("dataset") is None:
             return None
-        dataset = passl.data.build_dataset(split_cfg, split, model.num_classes, tuple(model.grid_size))
+        dataset = passl.data.build_dataset(split_cfg, split, model.num_classes, tuple(model.grid_size),
+                                           model.img_size)
         self.datasets[split] = dataset
         return build_loader(dataset, split_cfg, passl.data.collate_fn, train=split == "train",
                             seed=self.cfg["seed"], rank=self.rank, world_size=self.world_size)
