@@ -308,7 +308,7 @@ class Normalize(Transform):
 
     In a dataset pipeline this runs on the collated batch, on the training device (``normalize_batch``):
     workers hand over uint8 images, 4x fewer bytes than float32 (see TokenLabelDataset). Called on a
-    sample directly (export preprocessing), it turns the PIL image into float32 [3, H, W] here.
+    sample directly (as generate_labels' preprocessing does), it turns the PIL image into float32 [3, H, W].
     """
 
     def __init__(self, mean: list = IMAGENET_MEAN, std: list = IMAGENET_STD, enable: bool = True):

@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from passl.config import load_config
-from passl.data.inspect import inspect_sample
+from passl.data.inspect import display_image, inspect_sample
 from passl.errors import ConfigError
 from test_datasets import cfg, make_folder
 
@@ -50,3 +50,21 @@ def test_the_sample_has_the_model_geometry(tmp_path):
     assert result["token_targets"].shape == (9, 3) and result["classes"] == ["a_dog", "b_cat", "c_eel"]
     with pytest.raises(ConfigError, match="--index 9 is outside the training set"):
         inspect_sample(load_config(str(config_path)), 9)
+
+
+def test_the_png_image_is_the_sample_before_normalisation(tmp_path):
+    """display_image undoes the config's own Normalize (not ImageNet's): the dataset's uint8 pixels come back."""
+    from passl.data import build_dataset
+    root = str(tmp_path / "train")
+    make_folder(root)
+    train = cfg(root, transforms=[{"name": "RandomResizedCrop"}, {"name": "Normalize", "mean": [0.2, 0.5, 0.7],
+                                                                   "std": [0.3, 0.2, 0.1]}])
+    config = {"model": {"name": "lvvit_t", "img_size": 32, "num_classes": 3}, "data": {"train": train}}
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = inspect_sample(load_config(str(config_path)), 4, seed=3)
+    np.random.seed(3)
+    pixels = build_dataset(train, "train", 3, (2, 2), (32, 32))[4]["image"].transpose(1, 2, 0)   # uint8 [H, W, 3]
+    shown = display_image(result)
+    assert shown.dtype == np.uint8 and shown.shape == (32, 32, 3)
+    assert np.abs(shown.astype(int) - pixels).max() <= 1
