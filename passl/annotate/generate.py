@@ -99,9 +99,9 @@ def _barrier(world_size):
         dist.barrier()
 
 
-def generate_label_maps(annotator, image_root, out_dir, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=5, store="npy", batch_size=32, num_workers=2,
-                        skip_bad_images=False, max_images=None, rank=0, world_size=1, interpolation="bilinear",
-                        progress=True, log=print):
+def generate_label_maps(annotator, image_root, out_dir, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=5,
+                        store="npy", batch_size=32, num_workers=2, skip_bad_images=False, max_images=None, rank=0,
+                        world_size=1, interpolation="bilinear", progress=True, log=print):
     """Write the label map of every image below ``image_root`` into ``out_dir``.
 
     annotator: callable images [B, 3, H, W] (paddle, normalised) -> dense logits [B, C, h, w].
