@@ -33,8 +33,9 @@ def main(argv=None):
     select_device("cpu", log=None)   # export is device independent
     cfg = load_config(args.config, args.override)
     model, prefix, info = export_model(cfg, args.load, args.out, args.class_names)
-    print(f"exported {cfg['model']['name']} ({model.num_classes} classes, input [N, 3, {info['crop_size']}, "
-          f"{info['crop_size']}]) to {prefix}.* with {os.path.join(args.out, 'preprocess.json')}")
+    rows, cols = info["input_size"]
+    print(f"exported {cfg['model']['name']} ({model.num_classes} classes, input [N, 3, {rows}, {cols}]) to {prefix}.* "
+          f"with {os.path.join(args.out, 'preprocess.json')}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Print an LV-ViT's parameter count, multiply-adds per image and token grid from a config.
 
-    python tools/summary.py -c configs/lvvit/lvvit_s.yaml [-o model.img_size=384]
+    python tools/summary.py -c configs/lvvit/lvvit_small.yaml [-o model.img_size=384]
 """
 import os
 import sys

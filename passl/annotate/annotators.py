@@ -73,12 +73,13 @@ class CNNClassifier(nn.Layer):
     """A CNN annotator as a trainable model: ``net`` = build_cnn(arch, num_classes, width).
 
     forward: images [B, 3, H, W] -> logits [B, num_classes] in train and eval mode (the Trainer's
-    loss then uses the image label only). ``grid_size`` (1, 1): one target per image.
+    loss then uses the image label only). ``grid_size`` (1, 1): one target per image. ``img_size`` None:
+    it takes any input size, so its transforms state their sizes.
     """
 
     def __init__(self, arch: str = "small_cnn", num_classes: int = 1000, width: int = 16):
         super().__init__()
-        self.arch, self.num_classes, self.grid_size = arch, num_classes, (1, 1)
+        self.arch, self.num_classes, self.grid_size, self.img_size = arch, num_classes, (1, 1), None
         self.net = build_cnn(arch, num_classes, width)
 
     def forward(self, images):

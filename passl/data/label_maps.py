@@ -13,7 +13,8 @@ Stores (registered in LABEL_STORES):
 - ``pth``:    ``root/<class_dir>/<stem>.pth`` per image (the PyTorch release), read without torch and
   without running code from the file (passl.io.pth)
 - ``packed``: ``root/labels.npy`` [M, 2, K, H, W] memory-mapped + ``root/index.json`` (keys, coverage),
-  written by :func:`pack_label_maps` (``tools/pack_labels.py``), so a run opens one file, not 1.28 M.
+  written by :func:`pack_label_maps` (``tools/convert_labels.py --to packed``), so a run opens one file,
+  not 1.28 M.
 """
 import json
 import os
@@ -205,13 +206,14 @@ class PackedLabelStore(LabelStore):
         index_path = os.path.join(root, PACKED_INDEX)
         if not os.path.isfile(index_path):
             raise DataError(f"packed label store {root}: {index_path} not found; write it with "
-                            "tools/pack_labels.py (or tools/convert_labels.py --to packed)")
+                            "tools/convert_labels.py --to packed")
         try:
             with open(index_path, encoding="utf-8") as f:
                 index = json.load(f)
             assert index.get("format") == PACKED_FORMAT
         except Exception:  # noqa: BLE001
-            raise DataError(f"{index_path} is not a packed label-map index written by tools/pack_labels.py") from None
+            raise DataError(f"{index_path} is not a packed label-map index written by tools/convert_labels.py "
+                            "--to packed") from None
         recorded = index["coverage"]
         if coverage is not None and coverage != recorded:
             raise DataError(f"label_store.coverage is '{coverage}' but {index_path} records '{recorded}'; "

@@ -134,7 +134,7 @@ def _label_tree(kind, root, train_root, marker):
     return "npy" if kind == "npy_objects" else "pth"
 
 
-@pytest.mark.parametrize("tool", ["convert_labels", "pack_labels", "train", "inspect_labels"])
+@pytest.mark.parametrize("tool", ["convert_labels", "convert_labels_packed", "train", "inspect_labels"])
 @pytest.mark.parametrize("kind", LABEL_KINDS)
 def test_label_maps(setup, tmp_path, kind, tool):
     marker = tmp_path / "ran"
@@ -145,7 +145,8 @@ def test_label_maps(setup, tmp_path, kind, tool):
                          data__train__label_store={"name": store, "root": str(root), "coverage": "full"})
     argv = {"convert_labels": ["--src", str(root), "--src-format", store, "--to", "npy", "--out", str(tmp_path / "o"),
                                "--no-progress"],
-            "pack_labels": ["--src", str(root), "--format", store, "--out", str(tmp_path / "o"), "--no-progress"],
+            "convert_labels_packed": ["--src", str(root), "--src-format", store, "--to", "packed",
+                                      "--out", str(tmp_path / "o"), "--no-progress"],
             "train": ["-c", config],
             "inspect_labels": ["-c", config, "--index", "0", "--out", str(tmp_path / "s.npz")]}[tool]
-    _assert_refused(tool, argv, str(root) + os.sep, marker, words=("refuses", "refused"))
+    _assert_refused(tool.replace("_packed", ""), argv, str(root) + os.sep, marker, words=("refuses", "refused"))
