@@ -14,7 +14,7 @@ from passl.losses.token_label import TokenLabelCrossEntropy
 from passl.models import detect_variant, load_pretrained
 from passl.models.outputs import TokenLabelOutput
 from passl.models.vit import VisionTransformer
-from passl.utils.pth_io import save_pth
+from passl.io import save_pth
 
 
 def timm_shapes(dim, depth, num_classes, grid, patch=16, mlp_ratio=4):

@@ -18,7 +18,7 @@ from passl.models import detect_variant, load_pretrained
 from passl.models.outputs import TokenLabelOutput
 from passl.models.volo import VOLO, ClassAttention, ClassBlock, OutlookAttention
 from passl.registry import MODELS
-from passl.utils.pth_io import save_pth
+from passl.io import save_pth
 
 # ---------------------------------------------------------------------------------------------
 # numpy reference (float64)
