@@ -46,7 +46,7 @@ def build_parser():
                    help="config whose data.train transforms and model geometry are used")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--img-size", type=int, default=None,
-                   help="output size: sets model.img_size and the size of every sized transform")
+                   help="output size: sets model.img_size, which every sized transform then takes")
     p.add_argument("--num-images", type=int, default=48, help="generated images (cycled through)")
     p.add_argument("--passes", type=int, default=3, help="timed passes over the images (median pass reported)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per collate_fn call")
@@ -163,16 +163,18 @@ class _TimedTransform:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import passl
     from passl.config import load_config
     from passl.data import build_dataset, collate_fn
-    from passl.data.datasets import model_geometry
 
     base = load_config(args.config, args.override)
-    if args.img_size:
+    if args.img_size:   # every transform's size follows the model's
         base["model"] = dict(base["model"], img_size=args.img_size)
-        base["data"]["train"]["transforms"] = [dict(t, size=args.img_size) if "size" in t else t
+        base["data"]["train"]["transforms"] = [{k: v for k, v in t.items() if k != "size"}
                                                for t in base["data"]["train"]["transforms"]]
-    num_classes, grid = model_geometry(base["model"])
+    model = passl.build_model(base["model"])   # its geometry, as the trainer reads it
+    num_classes, grid, img_size = model.num_classes, tuple(model.grid_size), model.img_size
+    del model
     root = args.data_dir or tempfile.mkdtemp(prefix="passl_bench_data_")
     try:
         jpeg_bytes = generate(root, args.num_images, num_classes, args.map_size, args.top_k, args.seed)
@@ -180,7 +182,7 @@ def main(argv=None):
         split["dataset"] = dict(split["dataset"], root=os.path.join(root, "images"))
         split["label_store"] = None if args.no_label_maps else {
             "name": "npy", "root": os.path.join(root, "labels"), "coverage": "center_square"}
-        dataset = build_dataset(split, "train", num_classes, grid)
+        dataset = build_dataset(split, "train", num_classes, grid, img_size)
         clock = StageClock()
         instrument(dataset, clock)
         result = run_passes(dataset, collate_fn, args, clock)

@@ -11,15 +11,17 @@ from passl.registry import (DATASETS, LABEL_STORES, LOSSES, LR_SCHEDULES, MODELS
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("annotate", "config", "data", "demo", "engine", "errors", "export", "losses", "models", "registry",
-               "utils")
-
 
 def __getattr__(name):
-    """``passl.models`` and the other subpackages, imported on first use."""
-    if name in _SUBMODULES:
+    """``passl.models`` and the other submodules, imported on first use."""
+    if name.startswith("__"):
+        raise AttributeError(f"module 'passl' has no attribute {name!r}")
+    try:
         return importlib.import_module(f"passl.{name}")
-    raise AttributeError(f"module 'passl' has no attribute {name!r}")
+    except ModuleNotFoundError as err:
+        if err.name != f"passl.{name}":
+            raise   # the submodule exists but something it imports does not
+        raise AttributeError(f"module 'passl' has no attribute {name!r}") from None
 
 
 def build_model(cfg, **extra):

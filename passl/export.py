@@ -4,8 +4,11 @@
 
 - ``inference.json`` / ``.pdmodel`` + ``inference.pdiparams``: ``paddle.jit.save`` of the eval model,
   input ``[None, 3, H, W]`` float32 (any batch size), output ``[B, num_classes]`` logits;
-- ``preprocess.json``: what ``predict`` does to an image first (SPEC 5 evaluation: resize the
-  shorter side to int(crop / crop_pct) bicubic, centre-crop, normalise), and the class names.
+- ``preprocess.json``: ``transforms``, the config's ``data.val.transforms`` with their sizes resolved
+  for the model, which ``predict`` runs through the same dataset code as evaluation (per-sample steps,
+  then ``finish_batch``), so exported predictions and evaluation cannot disagree; for readers and other
+  runtimes, the same steps flattened (SPEC 5 evaluation: ``resize_shorter`` = int(crop_size / crop_pct)
+  with ``interpolation``, centre crop ``crop_size``, ``mean`` / ``std``); and the class names.
 
 ``predict`` runs that folder with Paddle Inference (``InferenceModel``: oneDNN kernels and fused
 passes on the CPU, the GPU where Paddle has CUDA and one is visible) and returns the top-5 classes of
@@ -27,30 +30,45 @@ PREPROCESS_FILE = "preprocess.json"
 MODEL_PREFIX = "inference"
 
 
-def eval_preprocessing(cfg):
-    """The eval preprocessing of a resolved config as a dict: {resize_shorter, crop_pct, crop_size,
-    interpolation, mean, std} from data.val.transforms (ResizeShorter, CenterCrop, Normalize);
-    the model's img_size and ImageNet statistics where the config lists none."""
-    from passl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    img = cfg["model"].get("img_size", 224)
-    rows, cols = (img, img) if isinstance(img, int) else tuple(img)
-    if rows != cols:
-        raise ConfigError(f"model.img_size {img}: the eval preprocessing (centre crop) is square only")
-    out = {"resize_shorter": int(rows / 0.9), "crop_pct": 0.9, "crop_size": rows, "interpolation": "bicubic",
-           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    for t in (cfg["data"]["val"].get("transforms") or []):
-        if t.get("enable", True) is False:
-            continue
-        if t["name"] == "ResizeShorter":
-            size, pct = t.get("size", 224), t.get("crop_pct", 0.9)
-            out.update(resize_shorter=int(size / pct), crop_pct=pct, interpolation=t.get("interpolation", "bicubic"))
-        elif t["name"] == "CenterCrop":
-            out["crop_size"] = t.get("size", 224)
-        elif t["name"] == "Normalize":
-            out.update(mean=list(t.get("mean", IMAGENET_MEAN)), std=list(t.get("std", IMAGENET_STD)))
-    if out["crop_size"] != rows:
-        raise ConfigError(f"data.val CenterCrop size {out['crop_size']} differs from model.img_size {rows}")
-    return out
+def eval_preprocessing(cfg, img_size):
+    """The eval preprocessing of a resolved config for a model of ``img_size`` (rows, cols), as
+    preprocess.json records it: {transforms, input_size, and the flat description of the module docstring}.
+    ConfigError if data.val.transforms do not turn every image into the model's input size."""
+    from passl.data.pipeline import build_transforms, resolve_transforms, split_device_stage
+    from passl.data.transforms import CenterCrop, ResizeShorter
+    if img_size is None:
+        raise ConfigError(f"model {cfg['model'].get('name')} takes any input size; export needs a model with a "
+                          "fixed img_size")
+    rows, cols = (img_size, img_size) if isinstance(img_size, int) else (int(v) for v in img_size)
+    key = "data.val.transforms"
+    specs = [t for t in resolve_transforms(cfg["data"]["val"].get("transforms"), img_size, key)
+             if t.get("enable", True) is not False]
+    per_sample, normalize, _ = split_device_stage(build_transforms(specs, img_size, key), key)
+    for probe in ((cols * 3 // 2, rows), (cols, rows * 3 // 2)):
+        out = _probe(per_sample, probe)
+        if out != (cols, rows):
+            raise ConfigError(f"{key} turn a {probe[0]}x{probe[1]} image into {out[0]}x{out[1]}, but the model "
+                              f"takes {cols}x{rows} (model.img_size); end them with a CenterCrop of that size")
+    info = {"transforms": specs, "input_size": [rows, cols], "crop_size": rows,
+            "mean": list(normalize.mean) if normalize else [0.0, 0.0, 0.0],
+            "std": list(normalize.std) if normalize else [1.0, 1.0, 1.0]}
+    for t in per_sample:
+        if isinstance(t, ResizeShorter):
+            info.update(resize_shorter=t.target_short_side(), crop_pct=t.crop_pct, interpolation=t.interpolation)
+        elif isinstance(t, CenterCrop):
+            info["crop_size"] = t.size
+    return info
+
+
+def _probe(transforms, size):
+    """(width, height) of a blank ``size`` image after ``transforms``."""
+    from PIL import Image
+
+    from passl.data.transforms import Sample
+    sample, rng = Sample(image=Image.new("RGB", size)), np.random.default_rng(0)
+    for t in transforms:
+        sample = t(sample, rng)
+    return sample.image_size()
 
 
 def _class_names(cfg, num_classes, class_names=None):
@@ -74,13 +92,8 @@ def _class_names(cfg, num_classes, class_names=None):
 
 
 def _load_weights(model, weights):
-    from passl.engine.checkpoint import load_file, weights_from
     from passl.models import load_pretrained
-    if str(weights).endswith(".pdckpt"):
-        state, _ = weights_from(load_file(weights), weights)
-        load_pretrained(model, state, log=lambda *a: None)
-    else:
-        load_pretrained(model, weights, log=lambda *a: None)
+    load_pretrained(model, weights, log=lambda *a: None)
 
 
 def export_model(cfg, weights, out_dir, class_names=None):
@@ -90,13 +103,12 @@ def export_model(cfg, weights, out_dir, class_names=None):
     import paddle
 
     import passl
-    preprocessing = eval_preprocessing(cfg)
     with paddle.utils.unique_name.guard():
         model = passl.build_model(cfg["model"])
+    preprocessing = eval_preprocessing(cfg, model.img_size)
     _load_weights(model, weights)
     model.eval()
-    size = preprocessing["crop_size"]
-    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="images")]
+    spec = [paddle.static.InputSpec([None, 3, *preprocessing["input_size"]], "float32", name="images")]
     static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, MODEL_PREFIX)
@@ -170,20 +182,31 @@ def load_exported(model_dir, device="auto"):
     return InferenceModel(os.path.join(model_dir, MODEL_PREFIX), device), info
 
 
+def _image_dataset(paths, info):
+    """The evaluation dataset code over image files: ``info['transforms']`` per sample, then ``finish_batch``.
+    A folder exported before ``transforms`` was recorded gets them from its flat description."""
+    from passl.data.datasets import ImageFiles, TokenLabelDataset
+    from passl.data.pipeline import build_transforms
+    specs = info.get("transforms") or [
+        {"name": "ResizeShorter", "size": info["crop_size"], "crop_pct": info["crop_pct"],
+         "interpolation": info["interpolation"]},
+        {"name": "CenterCrop", "size": info["crop_size"]},
+        {"name": "Normalize", "mean": info["mean"], "std": info["std"]}]
+    return TokenLabelDataset(ImageFiles(paths), build_transforms(specs, key=f"{PREPROCESS_FILE} transforms"),
+                             num_classes=1, targets=False)
+
+
+def _finish(dataset, images):
+    """uint8 images [B, 3, H, W] (numpy) -> float32 numpy, as evaluation's ``finish_batch`` makes them."""
+    import paddle
+    return dataset.finish_batch({"image": paddle.to_tensor(images)})["image"].numpy()
+
+
 def preprocess_image(path, info):
-    """Decode ``path`` (any size) and apply the recorded eval preprocessing -> float32 [3, S, S].
+    """Decode ``path`` (any size) and apply the recorded eval preprocessing -> float32 [3, H, W].
     DataError naming the file if it cannot be decoded."""
-    from passl.data.datasets import read_rgb
-    from passl.data.transforms import CenterCrop, Normalize, ResizeShorter, Sample
-    image = read_rgb(path)
-    size = info["crop_size"]
-    steps = [ResizeShorter(size, info["crop_pct"], info["interpolation"]), CenterCrop(size),
-             Normalize(info["mean"], info["std"])]
-    sample = Sample(image=image)
-    rng = np.random.default_rng(0)   # eval transforms draw nothing; the argument is required
-    for step in steps:
-        sample = step(sample, rng)
-    return sample.image
+    dataset = _image_dataset([path], info)
+    return _finish(dataset, dataset.load_item(0, np.random.default_rng(0))["image"][None])[0]
 
 
 def predict(model_dir, paths, topk=5, batch_size=16, device="auto"):
@@ -192,12 +215,14 @@ def predict(model_dir, paths, topk=5, batch_size=16, device="auto"):
     DataError messages naming the files that could not be decoded."""
     model, info = load_exported(model_dir, device)
     names = info["class_names"]
+    dataset = _image_dataset(paths, info)
+    rng = np.random.default_rng(0)   # eval transforms draw nothing; the argument is required
     results, errors, ready = [], [], []
 
     def flush():
         if not ready:
             return
-        logits = model(np.stack([r[1] for r in ready])).astype(np.float64)
+        logits = model(_finish(dataset, np.stack([r[1] for r in ready]))).astype(np.float64)
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
         for (path, _), row in zip(ready, probs):
@@ -205,9 +230,9 @@ def predict(model_dir, paths, topk=5, batch_size=16, device="auto"):
             results.append((path, [(int(c), names[c], float(row[c])) for c in order]))
         ready.clear()
 
-    for path in paths:
+    for index, path in enumerate(paths):
         try:
-            ready.append((path, preprocess_image(path, info)))
+            ready.append((path, dataset.load_item(index, rng)["image"]))
         except DataError as e:
             errors.append(str(e))
         if len(ready) >= batch_size:

@@ -1,7 +1,10 @@
-"""Convert a published PyTorch LV-ViT checkpoint to a Paddle .pdparams file (PyTorch not needed).
+"""Convert LV-ViT weights (PyTorch .pth/.pth.tar, PASSL .pd, .pdparams, .pdckpt, .safetensors) to .pdparams or .safetensors.
 
     python tools/convert_weights.py --src lvvit_s-26M-224-83.3.pth.tar --dst lvvit_s_224.pdparams
     python tools/convert_weights.py --src lvvit_m-56M-224-84.0.pth.tar --dst m384.pdparams --ema --img-size 384
+    python tools/convert_weights.py --src output/lvvit_tiny/epoch_300.pd --dst lvvit_t.safetensors   # PASSL v1.1
+
+PyTorch is not needed, and no file is ever run as code: every input is read by a restricted reader.
 """
 import os
 import sys
@@ -16,10 +19,12 @@ from passl.utils import cli  # noqa: E402
 
 def build_parser():
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--src", required=True, help="PyTorch checkpoint (.pth / .pth.tar): a state dict, or a dict "
-                                                "holding state_dict / state_dict_ema / model")
-    p.add_argument("--dst", required=True, help="output .pdparams file")
-    p.add_argument("--ema", action="store_true", help="take state_dict_ema (the published EMA weights)")
+    p.add_argument("--src", required=True, help="weights or checkpoint (.pth / .pth.tar, PASSL .pd, .pdparams, "
+                                                ".pdckpt, .safetensors): a state dict, or a dict holding "
+                                                "state_dict / state_dict_ema / model / ema")
+    p.add_argument("--dst", required=True, help="output .pdparams or .safetensors file (the latter records "
+                                                "variant and img_size in its metadata)")
+    p.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema: the published ones)")
     p.add_argument("--img-size", type=int, default=None,
                    help="resize pos_embed for this input size (default: keep the checkpoint's)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --dst")
@@ -30,8 +35,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from passl.errors import CheckpointError
     from passl.models.convert import convert_checkpoint
-    if not args.dst.endswith(".pdparams"):
-        raise CheckpointError(f"--dst {args.dst}: the output must end in .pdparams")
+    if not args.dst.endswith((".pdparams", ".safetensors")):
+        raise CheckpointError(f"--dst {args.dst}: the output must end in .pdparams or .safetensors")
     report = convert_checkpoint(args.src, args.dst, ema=args.ema, img_size=args.img_size, force=args.force)
     variant = report["variant"] or "no published variant (custom width/depth/stem)"
     print(f"detected variant: {variant} at {report['img_size']} px, {report['num_classes']} classes")

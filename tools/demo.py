@@ -33,7 +33,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from passl.demo import run_demo
+    from passl.example.demo import run_demo
     run_demo(args.data, args.out, args.train_per_class, args.val_per_class, args.annotator_epochs, args.epochs,
              args.force_data, build_data=not args.no_build, progress=not args.no_progress)
     return 0

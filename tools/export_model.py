@@ -17,7 +17,7 @@ from passl.utils import cli  # noqa: E402
 
 def build_parser():
     p = cli.add_config_args(cli.parser(__doc__.splitlines()[0]))
-    p.add_argument("--load", required=True, metavar="WEIGHTS", help="weights (.pdparams, .pdckpt or converted .pth)")
+    p.add_argument("--load", required=True, metavar="WEIGHTS", help="weights (.pdparams, .pdckpt, .safetensors, .pth, PASSL .pd)")
     p.add_argument("--out", required=True, help="folder for inference.* and preprocess.json")
     p.add_argument("--class-names", help="file with one '<dir> [readable name]' per line (default: the val "
                                          "dataset's classes, or class_<i>)")
@@ -33,8 +33,9 @@ def main(argv=None):
     select_device("cpu", log=None)   # export is device independent
     cfg = load_config(args.config, args.override)
     model, prefix, info = export_model(cfg, args.load, args.out, args.class_names)
-    print(f"exported {cfg['model']['name']} ({model.num_classes} classes, input [N, 3, {info['crop_size']}, "
-          f"{info['crop_size']}]) to {prefix}.* with {os.path.join(args.out, 'preprocess.json')}")
+    rows, cols = info["input_size"]
+    print(f"exported {cfg['model']['name']} ({model.num_classes} classes, input [N, 3, {rows}, {cols}]) to {prefix}.* "
+          f"with {os.path.join(args.out, 'preprocess.json')}")
     return 0
 
 

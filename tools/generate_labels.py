@@ -24,19 +24,21 @@ from passl.utils import cli  # noqa: E402
 
 
 def build_parser():
+    from passl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+
     p = cli.add_config_args(cli.parser(__doc__.splitlines()[0]), required=False)
     p.add_argument("--images", required=True, help="image folder (e.g. dataset/train with <class_dir>/<image>)")
     p.add_argument("--out", required=True, help="label-map folder to write (or complete)")
-    p.add_argument("--weights", required=True, help="annotator weights (.pdparams, or a .pdckpt checkpoint)")
+    p.add_argument("--weights", required=True, help="annotator weights (.pdparams, a .pdckpt checkpoint, .safetensors, .pth)")
     p.add_argument("--arch", help="CNN annotator: small_cnn or a paddle.vision.models name (resnet18, ...); "
                                   "without it, -c gives an LV-ViT model")
     p.add_argument("--num-classes", type=int, help="classes of the CNN annotator")
     p.add_argument("--width", type=int, default=16, help="width of small_cnn")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"),
                    help="every image is resized to W x H (default: the LV-ViT's img_size; 224 224 for a CNN)")
-    p.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
-    p.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
-    p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "nearest"])
+    p.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN))
+    p.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD))
+    p.add_argument("--interpolation", default="bilinear", choices=sorted(INTERPOLATIONS))
     p.add_argument("--topk", type=int, default=5, help="classes kept per location (K)")
     p.add_argument("--store", default="npy", choices=["npy", "pth", "packed"], help="label store to write")
     p.add_argument("--batch-size", type=int, default=32)

@@ -28,43 +28,16 @@ def build_parser():
     return p
 
 
-def render(result, path, scale):
-    """Write the un-normalised image, the token grid and each token's top class to a PNG."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from passl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    image = result["image"].transpose(1, 2, 0) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
-    image = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8))
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(image)
-    rows, cols = (int(v) for v in result["grid"])
-    cell_w, cell_h = image.width / cols, image.height / rows
-    top = result["token_targets"].argmax(-1).reshape(rows, cols)
-    for r in range(rows):
-        for c in range(cols):
-            x0, y0 = c * cell_w, r * cell_h
-            draw.rectangle([x0, y0, x0 + cell_w, y0 + cell_h], outline=(255, 255, 0))
-            text = str(int(top[r, c]))
-            draw.text((x0 + 2, y0 + 1), text, fill=(0, 0, 0))
-            draw.text((x0 + 1, y0), text, fill=(255, 255, 255))
-    image.save(path)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import numpy as np
-
     from passl.config import load_config
-    from passl.data.datasets import inspect_sample
+    from passl.data.inspect import inspect_sample, render_tokens, save_sample
 
     cfg = load_config(args.config, args.override)
     result = inspect_sample(cfg, args.index, args.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez(args.out, image=result["image"], token_targets=result["token_targets"],
-             cls_target=result["cls_target"], grid=result["grid"], label=result["label"])
+    save_sample(result, args.out)
     if args.png:
-        render(result, args.png, args.scale)
+        render_tokens(result, args.png, args.scale)
     top = int(result["cls_target"].argmax())
     names = result["classes"]
     name = names[top] if top < len(names) else str(top)

@@ -18,16 +18,16 @@ from passl.utils import cli  # noqa: E402
 
 
 def build_parser():
-    from passl.data import digit_scenes
+    from passl.example import scenes
 
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--out", default="data/digit_scenes", help="dataset folder to create")
     p.add_argument("--seed", type=int, default=0, help="every image is a function of this seed")
-    p.add_argument("--train-per-class", type=int, default=digit_scenes.DEFAULT_TRAIN_PER_CLASS,
+    p.add_argument("--train-per-class", type=int, default=scenes.DEFAULT_TRAIN_PER_CLASS,
                    help="training scenes per class (10 classes)")
-    p.add_argument("--val-per-class", type=int, default=digit_scenes.DEFAULT_VAL_PER_CLASS,
+    p.add_argument("--val-per-class", type=int, default=scenes.DEFAULT_VAL_PER_CLASS,
                    help="validation scenes per class")
-    p.add_argument("--image-size", type=int, nargs=2, default=list(digit_scenes.DEFAULT_IMAGE_SIZE),
+    p.add_argument("--image-size", type=int, nargs=2, default=list(scenes.DEFAULT_IMAGE_SIZE),
                    metavar=("W", "H"), help="scene width and height in pixels")
     p.add_argument("--force", action="store_true", help="replace a different dataset already at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -36,7 +36,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from passl.data.digit_scenes import build_digit_scenes
+    from passl.example.scenes import build_digit_scenes
 
     build_digit_scenes(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
                        image_size=tuple(args.image_size), seed=args.seed, force=args.force,

@@ -17,7 +17,8 @@ from passl.utils import cli  # noqa: E402
 
 def build_parser():
     p = cli.add_config_args(cli.parser(__doc__.splitlines()[0]))
-    p.add_argument("--load", metavar="WEIGHTS", help="start from these model weights (.pdparams)")
+    p.add_argument("--load", metavar="WEIGHTS", help="start from these model weights (.pdparams, .pdckpt, "
+                                                     ".safetensors, .pth / .pth.tar, PASSL .pd)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run exactly; without a path, the latest checkpoint in output_dir")
     p.add_argument("--evaluate-only", action="store_true", help="evaluate --load on the validation set and exit")
@@ -38,11 +39,11 @@ def main(argv=None):
         raise ConfigError("--evaluate-only needs --load WEIGHTS (a .pdparams file or a checkpoint)")
     if args.evaluate_only and args.resume:
         raise ConfigError("--evaluate-only and --resume do not go together; use --load WEIGHTS")
-    from passl.engine.trainer import Trainer
-    trainer = Trainer(cfg)
+    from passl.engine import evaluate_only, train
     if args.evaluate_only:
-        return trainer.evaluate_only(args.load)
-    return trainer.train(load=args.load, resume=args.resume)
+        evaluate_only(cfg, args.load)
+        return 0
+    return train(cfg, load=args.load, resume=args.resume)
 
 
 if __name__ == "__main__":

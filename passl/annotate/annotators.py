@@ -72,15 +72,14 @@ class CNNClassifier(nn.Layer):
 
     forward: images [B, 3, H, W] -> ``TokenLabelOutput(logits [B, num_classes])`` in training mode (no
     aux logits: the Trainer's loss uses the class target only), the logits in eval mode. ``grid_size``
-    (1, 1): one target per image. ``img_size``: the input size transforms default to (the global pool
-    takes any size).
+    (1, 1): one target per image. ``img_size`` None: it takes any input size, so its transforms state
+    their sizes.
     """
 
-    def __init__(self, arch: str = "small_cnn", num_classes: int = 1000, width: int = 16, img_size: int = 224):
+    def __init__(self, arch: str = "small_cnn", num_classes: int = 1000, width: int = 16):
         super().__init__()
-        self.arch, self.num_classes = arch, num_classes
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.grid_size, self.num_tokens = (1, 1), 1
+        self.arch, self.num_classes, self.grid_size, self.img_size = arch, num_classes, (1, 1), None
+        self.num_tokens = 1
         self.net = build_cnn(arch, num_classes, width)
 
     def no_weight_decay(self):
@@ -167,14 +166,14 @@ class LVViTAnnotator:
 
 
 def _read_state(path):
-    """State dict from a .pdparams file or a Trainer checkpoint (.pdckpt: its best weights)."""
+    """Paddle-layout state dict {key: numpy array} from any weights file passl.io reads (.pdparams,
+    .pdckpt: its best weights, .safetensors, .pth); never runs code from the file."""
     import os
 
-    from passl.engine.checkpoint import load_file, weights_from
+    from passl.models.convert import read_weights
     if not os.path.isfile(path):
         raise CheckpointError(f"annotator weights not found: {path}")
-    state, _ = weights_from(load_file(path), path)
-    return state
+    return read_weights(path)
 
 
 def load_cnn_weights(net, path):
@@ -207,12 +206,10 @@ def build_cnn_annotator(arch, num_classes, weights, width=16):
 
 
 def build_lvvit_annotator(model_cfg, weights):
-    """LVViTAnnotator from a config's ``model:`` section and weights (.pdparams / .pdckpt / .pth)."""
+    """LVViTAnnotator from a config's ``model:`` section and weights (.pdparams / .pdckpt / .pth /
+    .safetensors)."""
     import passl
     from passl.models import load_pretrained
     model = passl.build_model(model_cfg)
-    if str(weights).endswith(".pdckpt"):
-        load_pretrained(model, _read_state(weights), log=lambda *a: None)
-    else:
-        load_pretrained(model, weights, log=lambda *a: None)
+    load_pretrained(model, weights, log=lambda *a: None)
     return LVViTAnnotator(model, model_cfg.get("name", "lvvit"))

@@ -15,9 +15,9 @@ import os
 import time
 
 import numpy as np
-from PIL import Image
 
 from passl.data.datasets import IMG_EXTENSIONS, read_rgb
+from passl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, Sample, pil_interpolation
 from passl.errors import ConfigError, DataError
 from passl.utils.fileio import atomic_path, write_text
 
@@ -25,7 +25,6 @@ __all__ = ["list_images", "shard", "preprocess", "topk_label_maps", "generate_la
 
 STORES = ("npy", "pth", "packed")
 INFO_FILE = "label_maps.json"
-_INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
 def list_images(root, extensions=IMG_EXTENSIONS):
@@ -53,12 +52,12 @@ def shard(items, rank, world_size):
     return items[rank::world_size]
 
 
-def preprocess(path, image_size, mean, std, interpolation="bilinear"):
-    """Decode ``path`` as RGB, resize the whole image to image_size = (W, H), normalise.
+def preprocess(path, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear"):
+    """Decode ``path`` as RGB, resize the whole image to image_size = (W, H) (``interpolation``: a key of
+    transforms.INTERPOLATIONS), normalise as the Normalize transform does.
     Returns float32 [3, H, W]; raises DataError naming the file if it cannot be decoded."""
-    img = read_rgb(path).resize(tuple(image_size), _INTERPOLATIONS[interpolation])
-    pixels = np.asarray(img, np.float32) / 255.0
-    return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1).copy()
+    image = read_rgb(path).resize(tuple(image_size), pil_interpolation(interpolation))
+    return Normalize(mean, std)(Sample(image=image), None).image
 
 
 def topk_label_maps(logits, k=5):
@@ -80,7 +79,7 @@ def _target(out_dir, store, key):
 def _write_atomic(path, label_map):
     """Write one map whole or not at all (an interrupted run leaves no half file to skip later)."""
     if path.endswith(".pth"):
-        from passl.utils.pth_io import save_pth
+        from passl.io.pth import save_pth
         save_pth(label_map, path)
     else:
         with atomic_path(path) as tmp:
@@ -100,17 +99,17 @@ def _barrier(world_size):
         dist.barrier()
 
 
-def generate_label_maps(annotator, image_root, out_dir, image_size, mean=(0.485, 0.456, 0.406),
-                        std=(0.229, 0.224, 0.225), topk=5, store="npy", batch_size=32, num_workers=2,
-                        skip_bad_images=False, max_images=None, rank=0, world_size=1, interpolation="bilinear",
-                        progress=True, log=print):
+def generate_label_maps(annotator, image_root, out_dir, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=5,
+                        store="npy", batch_size=32, num_workers=2, skip_bad_images=False, max_images=None, rank=0,
+                        world_size=1, interpolation="bilinear", progress=True, log=print):
     """Write the label map of every image below ``image_root`` into ``out_dir``.
 
     annotator: callable images [B, 3, H, W] (paddle, normalised) -> dense logits [B, C, h, w].
     image_size: (W, H) every image is resized to. Maps already in ``out_dir`` are skipped.
     skip_bad_images: an undecodable image is skipped, counted and listed; otherwise DataError names it.
     max_images: write at most this many maps in this run (this rank), then stop (resume later).
-    Returns {"total", "written", "existing", "bad_images": [paths], "map_shape", "out_dir", "seconds"}.
+    Returns {"total", "written", "existing", "bad_images": [paths], "map_shape", "out_dir", "seconds",
+    "complete" (every image of this rank has its map)}.
     """
     import paddle
     if store not in STORES:

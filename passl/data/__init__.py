@@ -1,7 +1,8 @@
 """Data: image datasets, dense label stores, label-aware transforms, compact token targets.
 
-    build_dataset(cfg["data"]["train"], "train", num_classes, grid_size) -> paddle.io.Dataset
-    collate_fn(items) -> dict of numpy arrays (image, label, bad_image_index, compact targets)
+    build_dataset(cfg["data"]["train"], "train", model.num_classes, model.grid_size, model.img_size)
+        -> paddle.io.Dataset
+    collate_fn(items) -> dict of numpy arrays (uint8 image, label, bad_image_index, compact targets)
 """
 from passl.data import label_maps, transforms, randaugment, targets, datasets, collate  # noqa: F401 (registers)
 from passl.data.collate import collate_fn

@@ -1,10 +1,12 @@
 """Batch the items of TokenLabelDataset into numpy arrays (runs inside DataLoader workers).
 
-Batch keys: ``image`` float32 [B, 3, H, W], ``label`` int64 [B], ``bad_image_index`` int64 [B]
-(-1, or the index of an undecodable image this sample stood in for) and, for training, the compact
-targets of targets.py padded to a common U (a multiple of 8, so few distinct shapes occur):
-``target_classes`` int64 [B, U] (-1 = padding), ``token_probs`` float32 [B, N, U] (0 at padding),
-``token_bg`` float32 [B, N], ``cls_probs`` float32 [B, U], ``cls_bg`` float32 [B].
+Batch keys: ``image`` uint8 [B, 3, H, W] (normalised on the training device by
+``TokenLabelDataset.finish_batch``), ``label`` int64 [B], ``bad_image_index`` int64 [B] (-1, or the
+index of an undecodable image this sample stood in for); with RandomErasing, ``erase_boxes`` int32
+[B, max_count, 4] and ``erase_seed`` int64 [B]; for training, the compact targets of targets.py
+padded to a common U (a multiple of 8, so few distinct shapes occur): ``target_classes`` int64 [B, U]
+(-1 = padding), ``token_probs`` float32 [B, N, U] (0 at padding), ``token_bg`` float32 [B, N],
+``cls_probs`` float32 [B, U], ``cls_bg`` float32 [B].
 """
 import numpy as np
 

@@ -23,14 +23,14 @@ import paddle
 from PIL import Image
 
 from passl.data.label_maps import coverage_region, label_key
+from passl.data.pipeline import build_transforms, split_device_stage
 from passl.data.targets import build_token_targets, fallback_targets
 from passl.data.transforms import Sample
 from passl.errors import ConfigError, DataError
-from passl.registry import DATASETS, LABEL_STORES, TRANSFORMS
+from passl.registry import DATASETS, LABEL_STORES
 
-__all__ = ["IMG_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolder", "TokenLabelDataset", "build_dataset",
-           "model_geometry", "inspect_sample", "split_device_stage", "to_uint8_chw",
-           "read_class_names", "read_rgb"]
+__all__ = ["IMG_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolder", "ImageFiles", "TokenLabelDataset",
+           "build_dataset", "to_uint8_chw", "read_class_names", "read_rgb"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _MAX_SKIPS = 50
@@ -100,8 +100,7 @@ class ImageSource:
                 img.load()
                 image = img if img.mode == "RGB" else img.convert("RGB")
         except Exception as e:  # noqa: BLE001 (any decoder failure means a bad file)
-            raise BadImageError(f"cannot decode image {path}: {type(e).__name__}: {e}. Replace or remove the "
-                                "file, or set data.<split>.skip_bad_images: true to skip such images") from None
+            raise BadImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
         return image, size, factor
 
 
@@ -136,6 +135,16 @@ class ImageFolder(ImageSource):
         if not samples:
             raise DataError(f"no images ({', '.join(exts)}) found in {root}/<class_dir>/")
         self.samples = samples
+
+
+class ImageFiles(ImageSource):
+    """Image files named by their paths, one class, decoded at full size: a source for prediction."""
+
+    draft = False
+
+    def __init__(self, paths):
+        self.samples = [(str(path), 0) for path in paths]
+        self.classes = self.class_names = ("image",)
 
 
 class TokenLabelDataset(paddle.io.Dataset):
@@ -193,9 +202,10 @@ class TokenLabelDataset(paddle.io.Dataset):
             current = (index + attempt) % len(self)
             try:
                 item = self.load_item(current, rng)
-            except BadImageError:
+            except BadImageError as e:
                 if not self.skip_bad_images:
-                    raise
+                    raise BadImageError(f"{e}. Replace or remove the file, or set data.<split>.skip_bad_images: "
+                                        "true to skip such images") from None
                 self.record_bad_images([current])
                 bad = current if bad < 0 else bad
                 if attempt + 1 >= _MAX_SKIPS:
@@ -274,85 +284,25 @@ def to_uint8_chw(image):
     return np.ascontiguousarray(np.asarray(image, np.uint8).transpose(2, 0, 1))
 
 
-def split_device_stage(transforms, key="transforms"):
-    """(transforms run per sample, Normalize or None, RandomErasing or None).
-
-    Normalize and RandomErasing's pixel work run on the collated batch on the training device, so
-    Normalize must be the last per-sample step, with only a RandomErasing (which draws its boxes per
-    sample) after it. ``key`` names the config list in errors."""
-    names = [type(t).__name__ for t in transforms]
-    enabled = [t for t in transforms if t.enable]
-    normalize = next((t for t in enabled if type(t).__name__ == "Normalize"), None)
-    erasing = [t for t in enabled if type(t).__name__ == "RandomErasing"]
-    if len(erasing) > 1:
-        raise ConfigError(f"{key}: more than one RandomErasing; use one with max_count > 1")
-    if normalize is not None:
-        after = [type(t).__name__ for t in enabled[enabled.index(normalize) + 1:]]
-        if any(name != "RandomErasing" for name in after):
-            raise ConfigError(f"{key}: {', '.join(n for n in after if n != 'RandomErasing')} comes after "
-                              f"Normalize in {names}; only RandomErasing may follow Normalize")
-    if erasing and (normalize is None or enabled.index(erasing[0]) < enabled.index(normalize)):
-        raise ConfigError(f"{key}: RandomErasing works on the normalised image; put it after Normalize ({names})")
-    per_sample = [t for t in transforms if t is not normalize]
-    return per_sample, normalize, (erasing[0] if erasing else None)
-
-
-def build_dataset(split_cfg, split, num_classes, grid_size):
+def build_dataset(split_cfg, split, num_classes, grid_size, img_size=None):
     """The dataset of one split from its validated config section (``cfg['data'][split]``).
 
     split_cfg keys: dataset {name, ...} (DATASETS), label_store null | {name, ...} (LABEL_STORES),
     transforms [{name, ...}] (TRANSFORMS), skip_bad_images; batch_size / num_workers are the loader's.
     split: 'train' (items carry compact token targets) or 'val'.
-    grid_size: (rows, cols) of the model's token grid (img_size // 16 per side).
+    num_classes, grid_size, img_size: the model's ``num_classes``, ``grid_size`` ((rows, cols) of its
+    token grid, on which the targets are pooled) and ``img_size``, the size of every transform whose
+    config leaves ``size`` out (see pipeline.py).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not split_cfg.get("dataset"):
         raise ConfigError(f"data.{split}.dataset is not set; e.g. dataset: {{name: ImageFolder, root: path/to/{split}}}")
-    transforms = [TRANSFORMS.build(t) for t in split_cfg.get("transforms") or []]
-    split_device_stage(transforms, f"data.{split}.transforms")   # order errors name the key, before any folder scan
+    # sizes and order are checked before any folder scan, and errors name the key
+    transforms = build_transforms(split_cfg.get("transforms"), img_size, f"data.{split}.transforms")
     source = DATASETS.build(split_cfg["dataset"])
     store = LABEL_STORES.build(split_cfg["label_store"]) if split_cfg.get("label_store") else None
     if isinstance(grid_size, int):
         grid_size = (grid_size, grid_size)
     return TokenLabelDataset(source, transforms, store, num_classes, grid_size, targets=(split == "train"),
                              skip_bad_images=bool(split_cfg.get("skip_bad_images", False)))
-
-
-def model_geometry(model_cfg):
-    """(num_classes, (rows, cols) token grid) of a ``model:`` config section (patch 16)."""
-    from passl.registry import MODELS
-    params = MODELS.signature(model_cfg["name"]) if model_cfg and "name" in model_cfg else {}
-
-    def get(key, default):
-        if key in (model_cfg or {}):
-            return model_cfg[key]
-        return params[key].default if key in params and params[key].default is not params[key].empty else default
-
-    img_size = get("img_size", 224)
-    rows, cols = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    return int(get("num_classes", 1000)), (rows // 16, cols // 16)
-
-
-def inspect_sample(cfg, index, seed=0):
-    """Run the configured training pipeline on sample ``index`` with numpy seeded by ``seed``.
-
-    Returns image float32 [3, H, W] (what the model sees), token_targets float32 [N, C] and
-    cls_target [C] (rows sum to 1, smoothing of the configured loss), grid int64 (rows, cols),
-    label int64 [], path (str).
-    """
-    from passl.data.targets import expand_targets
-    num_classes, grid = model_geometry(cfg["model"])
-    dataset = build_dataset(cfg["data"]["train"], "train", num_classes, grid)
-    if not 0 <= index < len(dataset):
-        raise ConfigError(f"--index {index} is outside the training set (0..{len(dataset) - 1})")
-    np.random.seed(seed)
-    item = dataset[index]
-    erase = (item["erase_boxes"][None], item["erase_seed"][None]) if "erase_boxes" in item else None
-    batch = dataset.finish_batch({"image": paddle.to_tensor(item["image"][None])}, erase)
-    item["image"] = batch["image"].numpy()[0]
-    smoothing = float((cfg.get("loss") or {}).get("smoothing", 0.1))
-    token_targets, cls_target = expand_targets(item, num_classes, smoothing)
-    return {"image": item["image"], "token_targets": token_targets, "cls_target": cls_target,
-            "grid": np.asarray(grid, np.int64), "label": item["label"],
-            "path": dataset.source.image_path(index), "classes": list(dataset.source.class_names)}

@@ -10,9 +10,11 @@ dataset root *without its extension* (``n01440764/n01440764_10026``), and knows 
 Stores (registered in LABEL_STORES):
 
 - ``npy``:    ``root/<class_dir>/<stem>.npy`` per image, float16 or float32 (the Paddle community release)
-- ``pth``:    ``root/<class_dir>/<stem>.pth`` per image (the PyTorch release), read without torch
+- ``pth``:    ``root/<class_dir>/<stem>.pth`` per image (the PyTorch release), read without torch and
+  without running code from the file (passl.io.pth)
 - ``packed``: ``root/labels.npy`` [M, 2, K, H, W] memory-mapped + ``root/index.json`` (keys, coverage),
-  written by :func:`pack_label_maps` (``tools/pack_labels.py``), so a run opens one file, not 1.28 M.
+  written by :func:`pack_label_maps` (``tools/convert_labels.py --to packed``), so a run opens one file,
+  not 1.28 M.
 """
 import json
 import os
@@ -121,13 +123,16 @@ class LabelStore:
 
 def _npy_header(path):
     """(shape, dtype) from a .npy header without reading the data; ValueError if the file is shorter
-    than its header says (a truncated copy)."""
+    than its header says (a truncated copy) or holds Python objects (a pickle, never loaded)."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, _, dtype = np.lib.format.read_array_header_1_0(f)
         else:
             shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects (a pickle), which is refused: a label map is an "
+                             "array of numbers")
         expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
         actual = os.fstat(f.fileno()).st_size
     if actual < expected:
@@ -152,7 +157,11 @@ class NpyLabelStore(LabelStore):
             raise DataError(f"label map {self.path(key)} is not a readable .npy file: {e}") from None
 
     def _read(self, key):
-        return np.load(self.path(key), allow_pickle=False)
+        try:
+            return np.load(self.path(key), allow_pickle=False)   # never unpickles
+        except ValueError:
+            _npy_header(self.path(key))    # says "holds Python objects (a pickle), which is refused" if that is why
+            raise
 
 
 @LABEL_STORES.register("pth")
@@ -173,8 +182,12 @@ class PthLabelStore(LabelStore):
         return self.load(key).shape
 
     def _read(self, key):
-        from passl.utils.pth_io import load_pth
-        obj = load_pth(self.path(key))
+        from passl.errors import CheckpointError
+        from passl.io.pth import load_pth
+        try:
+            obj = load_pth(self.path(key))
+        except CheckpointError as e:
+            raise DataError(f"label map {e}") from None
         if isinstance(obj, dict) and len(obj) == 1:   # tolerate {"label": tensor}
             obj = next(iter(obj.values()))
         if not isinstance(obj, np.ndarray):
@@ -193,13 +206,14 @@ class PackedLabelStore(LabelStore):
         index_path = os.path.join(root, PACKED_INDEX)
         if not os.path.isfile(index_path):
             raise DataError(f"packed label store {root}: {index_path} not found; write it with "
-                            "tools/pack_labels.py (or tools/convert_labels.py --to packed)")
+                            "tools/convert_labels.py --to packed")
         try:
             with open(index_path, encoding="utf-8") as f:
                 index = json.load(f)
             assert index.get("format") == PACKED_FORMAT
         except Exception:  # noqa: BLE001
-            raise DataError(f"{index_path} is not a packed label-map index written by tools/pack_labels.py") from None
+            raise DataError(f"{index_path} is not a packed label-map index written by tools/convert_labels.py "
+                            "--to packed") from None
         recorded = index["coverage"]
         if coverage is not None and coverage != recorded:
             raise DataError(f"label_store.coverage is '{coverage}' but {index_path} records '{recorded}'; "
@@ -224,7 +238,7 @@ class PackedLabelStore(LabelStore):
 
     def _read(self, key):
         if self._array is None:
-            self._array = np.load(self._data_path, mmap_mode="r")
+            self._array = np.load(self._data_path, mmap_mode="r", allow_pickle=False)
         return np.array(self._array[self._rows[key]])
 
 

@@ -14,6 +14,9 @@ the target builder (targets.py) pools the map over ``view``, so no map is ever r
 Every transform is ``t(sample, rng) -> sample`` with ``rng`` a numpy Generator, takes ``enable``
 (false turns it off from YAML), and may pre-plan its randomness before the image is decoded
 (``plan``) to tell the decoder how far JPEG draft decoding may shrink the image.
+
+A ``size`` argument is an output side in pixels. In a config it may be left out: the pipeline then
+gives it the model's ``img_size`` (``passl.data.pipeline``); built directly, a transform needs it.
 """
 import math
 
@@ -24,31 +27,40 @@ from passl.errors import ConfigError
 from passl.registry import TRANSFORMS
 
 __all__ = ["Sample", "Transform", "RandomHorizontalFlip", "RandomResizedCrop", "ResizeShorter", "CenterCrop",
-           "Normalize", "RandomErasing", "warp_label_map", "pil_interpolation", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "Normalize", "RandomErasing", "warp_label_map", "pil_interpolation", "INTERPOLATIONS", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                   "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 _RANDOM_INTERPOLATION = (Image.BILINEAR, Image.BICUBIC)
 
 
-def pil_interpolation(name, rng):
-    """PIL resampling filter for ``name``; 'random' picks bilinear or bicubic with ``rng``."""
+def pil_interpolation(name, rng=None):
+    """PIL resampling filter for ``name`` (a key of INTERPOLATIONS); 'random' picks bilinear or bicubic
+    with ``rng``."""
     if name == "random":
         return _RANDOM_INTERPOLATION[int(rng.integers(2))]
-    return _INTERPOLATIONS[name]
+    return INTERPOLATIONS[name]
 
 
 def _check_interpolation(name, where):
-    if name != "random" and name not in _INTERPOLATIONS:
-        raise ConfigError(f"{where}.interpolation: '{name}' is not one of random, {', '.join(_INTERPOLATIONS)}")
+    if name != "random" and name not in INTERPOLATIONS:
+        raise ConfigError(f"{where}.interpolation: '{name}' is not one of random, {', '.join(INTERPOLATIONS)}")
+
+
+def _check_size(size, where):
+    if size is None:
+        raise ConfigError(f"{where}: size is not set; give it, or build the transforms with "
+                          "passl.data.pipeline.build_transforms, which takes the model's img_size")
+    return int(size)
 
 
 class Sample:
     """One image on its way through the transforms.
 
-    image:      PIL RGB image, later float32 [3, H, W] (after Normalize)
+    image:      PIL RGB image (float32 [3, H, W] after Normalize applied to the sample itself)
     label_map:  float32 [2, K, h, w] or None (scores, class indices; class -1 marks an empty entry)
     map_region: (x0, y0, x1, y1) reference-frame box the map covers
     view:       (x0, y0, x1, y1) reference-frame box the image shows
@@ -176,10 +188,7 @@ class RandomHorizontalFlip(Transform):
     def apply(self, sample, rng):
         if rng.random() >= self.prob:
             return sample
-        if isinstance(sample.image, np.ndarray):
-            sample.image = np.ascontiguousarray(sample.image[:, :, ::-1])
-        else:
-            sample.image = sample.image.transpose(Image.FLIP_LEFT_RIGHT)
+        sample.image = sample.image.transpose(Image.FLIP_LEFT_RIGHT)
         if sample.label_map is not None:
             axis = sample.view[0] + sample.view[2]   # x -> axis - x reflects about the view's centre
             rx0, ry0, rx1, ry1 = sample.map_region
@@ -211,18 +220,18 @@ def _sample_crop(width, height, scale, ratio, rng):
 
 @TRANSFORMS.register()
 class RandomResizedCrop(Transform):
-    """Crop a random box (``scale`` of the area, aspect in ``ratio``) and resize it to ``size``.
+    """Crop a random box (``scale`` of the area, aspect in ``ratio``) and resize it to ``size`` x ``size``.
 
     The box is drawn on the original image size before decoding (so the decoder may shrink the
     image while the box still has ``size`` pixels) and becomes the sample's ``view``.
-    interpolation: 'random' (bilinear or bicubic), or a PIL filter name.
+    interpolation: 'random' (bilinear or bicubic), or a key of INTERPOLATIONS.
     """
 
-    def __init__(self, size: int = 224, scale: list = (0.08, 1.0), ratio: list = (3 / 4, 4 / 3),
+    def __init__(self, size: int = None, scale: list = (0.08, 1.0), ratio: list = (3 / 4, 4 / 3),
                  interpolation: str = "random", enable: bool = True):
         super().__init__(enable)
         _check_interpolation(interpolation, "RandomResizedCrop")
-        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.size, self.scale, self.ratio = _check_size(size, "RandomResizedCrop"), tuple(scale), tuple(ratio)
         self.interpolation = interpolation
 
     def plan(self, sample, rng):
@@ -252,11 +261,11 @@ class RandomResizedCrop(Transform):
 class ResizeShorter(Transform):
     """Evaluation resize: the shorter side becomes int(size / crop_pct) (follow with CenterCrop(size))."""
 
-    def __init__(self, size: int = 224, crop_pct: float = 0.9, interpolation: str = "bicubic",
+    def __init__(self, size: int = None, crop_pct: float = 0.9, interpolation: str = "bicubic",
                  enable: bool = True):
         super().__init__(enable)
         _check_interpolation(interpolation, "ResizeShorter")
-        self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
+        self.size, self.crop_pct, self.interpolation = _check_size(size, "ResizeShorter"), crop_pct, interpolation
 
     def target_short_side(self):
         return int(self.size / self.crop_pct)
@@ -279,9 +288,9 @@ class ResizeShorter(Transform):
 class CenterCrop(Transform):
     """Crop the central ``size`` x ``size`` pixels (torchvision's rounding)."""
 
-    def __init__(self, size: int = 224, enable: bool = True):
+    def __init__(self, size: int = None, enable: bool = True):
         super().__init__(enable)
-        self.size = size
+        self.size = _check_size(size, "CenterCrop")
 
     def apply(self, sample, rng):
         width, height = sample.image_size()
@@ -299,7 +308,7 @@ class Normalize(Transform):
 
     In a dataset pipeline this runs on the collated batch, on the training device (``normalize_batch``):
     workers hand over uint8 images, 4x fewer bytes than float32 (see TokenLabelDataset). Called on a
-    sample directly (export preprocessing), it turns the PIL image into float32 [3, H, W] here.
+    sample directly (as generate_labels' preprocessing does), it turns the PIL image into float32 [3, H, W].
     """
 
     def __init__(self, mean: list = IMAGENET_MEAN, std: list = IMAGENET_STD, enable: bool = True):

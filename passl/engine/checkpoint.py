@@ -5,16 +5,20 @@ Layout of ``output_dir``:
     latest.pdckpt       the newest state, end of epoch or mid-epoch (Ctrl-C)
     best.pdckpt         the epoch whose model or EMA scored the best top-1
     best_model.pdparams just the best weights (model or EMA, whichever won), for --load / export
+    best_model.safetensors  the same weights as .safetensors (variant, img_size, epoch in its metadata)
 
 A checkpoint is a dict: model, optimizer (keyed by structured parameter names, so it does not
 depend on Paddle's internal tensor names), scaler, ema, epoch, batch (position in that epoch),
-global_step, rng (paddle, numpy, python), best, config.
+global_step, best, sampler (what the position means: world_size, batch_size, seed), rng (paddle,
+numpy, python), config. ``training_state`` assembles it; ``restore_training_state`` puts it back.
 """
+import dataclasses
 import glob
 import os
 import random
 import re
 import shutil
+from typing import Optional
 
 import numpy as np
 import paddle
@@ -23,16 +27,16 @@ from passl.errors import CheckpointError
 from passl.utils.fileio import atomic_path
 
 __all__ = ["atomic_save", "load_file", "CheckpointManager", "find_latest", "optimizer_state_by_names",
-           "optimizer_state_from_names", "rng_state", "set_rng_state", "weights_from"]
+           "optimizer_state_from_names", "rng_state", "set_rng_state", "Progress",
+           "training_state", "check_resumable", "restore_training_state"]
 
 SEP = "/"   # between a structured parameter name and an accumulator suffix
 
 
 def atomic_save(obj, path):
     """``paddle.save(obj, path)`` through a temporary file in the same directory and a rename."""
-    with atomic_path(path) as tmp:
-        paddle.save(obj, tmp)
-    return path
+    from passl.io import write_paddle
+    return write_paddle(obj, path)
 
 
 def _atomic_link(src, dst):
@@ -46,14 +50,11 @@ def _atomic_link(src, dst):
 
 
 def load_file(path):
-    """Read a checkpoint or weights file; CheckpointError names the file when it cannot."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return paddle.load(path)
-    except Exception as e:  # paddle raises assorted types for truncated or foreign files
-        raise CheckpointError(f"{path}: cannot be read as a Paddle checkpoint ({type(e).__name__}: {e}); "
-                              "is it complete and saved by paddle.save?") from None
+    """Read a checkpoint or weights file without running code from it (passl.io): a Paddle pickle
+    comes back as ``paddle.load`` gave it (tensors as paddle Tensors, generator states as Paddle's);
+    other formats with numpy arrays. CheckpointError names the file when it cannot be read."""
+    from passl.io import read_state
+    return read_state(path, to_paddle=True)
 
 
 def find_latest(output_dir):
@@ -85,6 +86,7 @@ class CheckpointManager:
             _atomic_link(path, self.path("best.pdckpt"))
             if best_weights is not None:
                 atomic_save(best_weights, self.path("best_model.pdparams"))
+                _save_safetensors(best_weights, self.path("best_model.safetensors"), state, epoch)
         self._prune()
         return path
 
@@ -97,6 +99,16 @@ class CheckpointManager:
                        key=lambda p: int(re.search(r"epoch_(\d+)", p).group(1)))
         for old in files[:max(len(files) - self.keep_last, 0)]:
             os.remove(old)   # latest/best are separate links and survive
+
+
+def _save_safetensors(weights, path, state, epoch):
+    """The best weights as .safetensors, described by the run's model config and epoch."""
+    from passl.io import write_safetensors
+    from passl.models.convert import weights_metadata
+    config = state.get("config") if isinstance(state, dict) else None
+    best = (state.get("best") or {}) if isinstance(state, dict) else {}
+    meta = weights_metadata(weights, (config or {}).get("model"), epoch=epoch, which=best.get("which", "model"))
+    write_safetensors(weights, path, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,16 +167,64 @@ def set_rng_state(state):
         paddle.set_cuda_rng_state(state["cuda"])
 
 
-def weights_from(obj, path="weights"):
-    """Model weights from a loaded file: a checkpoint gives its best weights, a state dict itself.
+# ---------------------------------------------------------------------------------------------
+# the training state: what a checkpoint holds and how a run continues from it
 
-    Returns ``(state_dict, which)``, ``which`` being 'model', 'ema' or 'weights'.
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands. ``epoch``: finished epochs; ``batch``: micro-batches done in the current
+    one (non-zero only in a mid-epoch checkpoint); ``global_step``: optimizer steps so far, which
+    is all the lr schedule needs; ``best``: {'top1', 'which' ('model' | 'ema'), 'epoch'} or None."""
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    best: Optional[dict] = None
+
+
+def training_state(model, optimizer_step, ema, progress, cfg, world_size):
+    """The checkpoint dict of a run: ``model`` unwrapped, ``optimizer_step`` an OptimizerStep,
+    ``ema`` a ModelEma or None, ``progress`` a Progress, ``cfg`` the resolved config."""
+    scaler = optimizer_step.scaler
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer_state_by_names(optimizer_step.optimizer, model),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "epoch": progress.epoch, "batch": progress.batch,
+        "global_step": progress.global_step, "best": progress.best,
+        "sampler": {"epoch": progress.epoch, "batch": progress.batch, "seed": cfg["seed"],
+                    "world_size": world_size, "batch_size": cfg["data"]["train"]["batch_size"]},
+        "rng": rng_state(), "config": cfg,
+    }
+
+
+def check_resumable(ckpt, path, world_size, batch_size):
+    """Raise CheckpointError unless ``ckpt`` is a training checkpoint this run can continue:
+    a mid-epoch position only means the same thing with the same processes x per-process batch."""
+    for key in ("model", "optimizer", "epoch", "batch", "global_step"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: not a training checkpoint (no '{key}'); use --load for weights")
+    sampler = ckpt.get("sampler", {})
+    if ckpt["batch"] and (sampler.get("world_size"), sampler.get("batch_size")) != (world_size, batch_size):
+        raise CheckpointError(f"{path} stopped mid-epoch with {sampler.get('world_size')} processes x batch "
+                              f"{sampler.get('batch_size')}; resume it with the same, or from an epoch checkpoint")
+
+
+def restore_training_state(ckpt, path, model, optimizer_step, ema):
+    """Load a checked ``ckpt`` (see check_resumable) into the freshly built run; returns its Progress.
+
+    An EMA the checkpoint lacks starts from the restored model weights. The random generators are
+    restored last, so the run continues their streams exactly.
     """
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        which = (obj.get("best") or {}).get("which", "model")
-        if which == "ema" and obj.get("ema"):
-            return obj["ema"], "ema"
-        return obj["model"], "model"
-    if isinstance(obj, dict):
-        return obj, "weights"
-    raise CheckpointError(f"{path}: expected a state dict or a checkpoint, got {type(obj).__name__}")
+    missing, unexpected = model.set_state_dict(ckpt["model"])
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: model keys do not match the config's model: missing {missing}, "
+                              f"unexpected {unexpected}")
+    optimizer_step.optimizer.set_state_dict(optimizer_state_from_names(ckpt["optimizer"], model))
+    if optimizer_step.scaler is not None and ckpt.get("scaler"):
+        optimizer_step.scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        ema.set_state_dict(ckpt.get("ema") or model.state_dict())
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    return Progress(**{k: ckpt.get(k) for k in ("epoch", "batch", "global_step", "best")})

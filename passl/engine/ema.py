@@ -3,6 +3,8 @@ import copy
 
 import paddle
 
+from passl.utils.distributed import unwrap
+
 __all__ = ["ModelEma"]
 
 
@@ -17,7 +19,7 @@ class ModelEma:
     def __init__(self, model, decay=0.99992):
         """Copy ``model`` while it is still float32 (before AMP O2 casts it)."""
         self.decay = float(decay)
-        self.module = copy.deepcopy(_unwrap(model))
+        self.module = copy.deepcopy(unwrap(model))
         self.module.eval()
         for p in self.module.parameters():
             p.stop_gradient = True
@@ -26,7 +28,7 @@ class ModelEma:
     @paddle.no_grad()
     def update(self, model):
         """Fold the current weights of ``model`` (possibly DataParallel-wrapped) into the average."""
-        source = _unwrap(model).state_dict()
+        source = unwrap(model).state_dict()
         for key, ema_value in self._targets.items():
             value = source[key]
             if paddle.is_floating_point(ema_value):
@@ -40,9 +42,5 @@ class ModelEma:
         return self.module.state_dict()
 
     def set_state_dict(self, state):
-        missing, unexpected = self.module.set_state_dict(state)
-        return missing, unexpected
-
-
-def _unwrap(model):
-    return model._layers if isinstance(model, paddle.DataParallel) else model
+        """Copy ``state`` (a state dict of this model) into the averages; returns (missing, unexpected)."""
+        return self.module.set_state_dict(state)

@@ -3,11 +3,15 @@
 Each process counts hits over its share, masking the sampler's padding (repeated samples that
 make the shares equal), and the integer counts are summed across processes. Integer sums do not
 depend on the order of addition, so 1, 2 or N processes report the same numbers.
+``pick_best`` decides, after each evaluation, whether the model or its EMA is the run's new best.
 """
-import paddle
-import paddle.distributed as dist
+import contextlib
 
-__all__ = ["topk_hits", "evaluate", "all_reduce_sum"]
+import paddle
+
+from passl.utils.distributed import all_reduce
+
+__all__ = ["topk_hits", "evaluate", "pick_best"]
 
 
 def topk_hits(logits, labels, valid=None):
@@ -25,13 +29,6 @@ def topk_hits(logits, labels, valid=None):
     return paddle.stack([hit1.astype("int64").sum(), hit5.astype("int64").sum(), valid.astype("int64").sum()])
 
 
-def all_reduce_sum(tensor):
-    """Sum ``tensor`` over processes (no-op with one process)."""
-    if dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
 @paddle.no_grad()
 def evaluate(model, loader, autocast=None, progress=None):
     """Evaluate ``model`` (returns [B, C] logits in eval mode) on ``loader`` (a passl Loader).
@@ -46,16 +43,25 @@ def evaluate(model, loader, autocast=None, progress=None):
     for b, batch in enumerate(loader):
         images = batch["image"]
         valid = paddle.to_tensor(loader.sampler.valid_mask(b))
-        if autocast is not None:
-            with autocast():
-                logits = model(images)
-        else:
+        with autocast() if autocast is not None else contextlib.nullcontext():
             logits = model(images)
         counts = counts + topk_hits(logits, batch["label"], valid)
         if progress is not None:
             progress.update(1)
-    counts = all_reduce_sum(counts).numpy()
+    counts = all_reduce(counts, "sum").numpy()
     if was_training:
         model.train()
     n = int(counts[2])
     return {"top1": 100.0 * counts[0] / max(n, 1), "top5": 100.0 * counts[1] / max(n, 1), "num_samples": n}
+
+
+def pick_best(top1, best, epoch):
+    """The run's new best record if this epoch beats ``best``, else None.
+
+    top1: {'model': %, 'ema': %} (no 'ema' without an EMA); the better of the two counts, the EMA on
+    a tie. best: the record so far, {'top1', 'which', 'epoch'}, or None before the first evaluation.
+    """
+    which = max(top1, key=lambda k: (top1[k], k == "ema"))
+    if best is None or top1[which] > best["top1"]:
+        return {"top1": top1[which], "which": which, "epoch": epoch}
+    return None

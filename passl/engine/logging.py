@@ -1,13 +1,19 @@
-"""Run logging: console + train.log, metrics.jsonl (one JSON per epoch), VisualDL scalars, and
-loss meters that accumulate on the device so that logging does not synchronise every step."""
+"""Run logging: console + train.log, metrics.jsonl (one JSON per epoch), VisualDL scalars, the lines
+a run prints, and loss meters that accumulate on the device so that logging does not synchronise
+every step."""
 import json
 import logging
 import os
 import sys
+import time
 
 import paddle
 
-__all__ = ["setup_logger", "MetricsWriter", "DeviceMeter", "format_eta", "progress_bar"]
+from passl.utils import distributed as du
+from passl.utils.fileio import write_text
+
+__all__ = ["setup_logger", "MetricsWriter", "DeviceMeter", "EpochReport", "format_eta", "progress_bar",
+           "format_step_line", "format_epoch_line", "report_bad_images"]
 
 
 def setup_logger(output_dir=None, main_process=True, name="passl"):
@@ -32,7 +38,7 @@ def setup_logger(output_dir=None, main_process=True, name="passl"):
     else:
         logger.setLevel(logging.WARNING)
         errors = logging.StreamHandler(sys.stderr)
-        errors.setFormatter(logging.Formatter(f"[rank {os.environ.get('PADDLE_TRAINER_ID', '?')}] %(message)s"))
+        errors.setFormatter(logging.Formatter(f"[rank {du.rank()}] %(message)s"))
         logger.addHandler(errors)
     return logger
 
@@ -71,6 +77,12 @@ class MetricsWriter:
         if self.vdl is not None:
             self.vdl.close()
             self.vdl = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class DeviceMeter:
@@ -112,3 +124,111 @@ def progress_bar(total, desc, enabled=True, initial=0):
         return None
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False)
+
+
+def format_step_line(epoch, epochs, step_in_epoch, steps_per_epoch, global_step, lr, means, samples_per_s,
+                     data_wait, eta_seconds):
+    """The line logged every log interval. ``epoch`` 0-based; ``means`` {loss name: float}, 'loss'
+    first; ``data_wait`` the fraction of the interval spent waiting for batches."""
+    terms = "  ".join(f"{k} {means[k]:.4f}" for k in sorted(means, key=lambda k: (k != "loss", k)))
+    return (f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_per_epoch} (global {global_step})  "
+            f"lr {lr:.3e}  {terms}  {samples_per_s:.1f} samples/s  data wait {data_wait:.0%}  "
+            f"eta {format_eta(eta_seconds)}")
+
+
+def format_epoch_line(record, is_best, path):
+    """The line logged after an epoch: its metrics.jsonl record, '(best)', and the checkpoint written."""
+    shown = "  ".join(f"{k} {v:.4g}" if k == "lr" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in record.items())
+    return f"{shown}{'  (best)' if is_best else ''} -> {path}"
+
+
+class EpochReport:
+    """What one training epoch shows: a tqdm bar (terminal, main process), a line per log interval
+    (console or above the bar, train.log, VisualDL), and the epoch's mean loss.
+
+    Losses are summed on the device (DeviceMeter) and read back only by ``log_interval``.
+    Use as a context manager, so the bar closes however the epoch ends.
+    """
+
+    def __init__(self, log, metrics, main, epoch, epochs, steps_per_epoch, global_batch, start_step=0):
+        self.log, self.metrics, self.main = log, metrics, main
+        self.epoch, self.epochs, self.steps_per_epoch, self.global_batch = epoch, epochs, steps_per_epoch, global_batch
+        self.bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", main, start_step)
+        self.interval, self.epoch_losses = DeviceMeter(), DeviceMeter()
+        self._restart()
+
+    def _restart(self):
+        self.started, self.data_wait, self.steps = time.time(), 0.0, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def timed(self, batches):
+        """Iterate ``batches``, counting the time spent waiting for each as data wait."""
+        batches = iter(batches)
+        while True:
+            asked = time.time()
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            self.data_wait += time.time() - asked
+            yield item
+
+    def add(self, losses):
+        """``losses``: {name: 0-d tensor} of one micro-batch; stays on the device."""
+        self.interval.add(losses)
+        self.epoch_losses.add({"loss": losses["loss"]})
+
+    def step_done(self):
+        self.steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_interval(self, step_in_epoch, global_step, lr):
+        """Log the mean losses since the last call (one device->host copy) and restart the interval."""
+        means = self.interval.means()
+        seconds = max(time.time() - self.started, 1e-9)
+        if self.main and self.steps:
+            eta = (self.epochs * self.steps_per_epoch - global_step) * seconds / self.steps
+            line = format_step_line(self.epoch, self.epochs, step_in_epoch, self.steps_per_epoch, global_step, lr,
+                                    means, self.global_batch * self.steps / seconds, self.data_wait / seconds, eta)
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"loss {means.get('loss', float('nan')):.4f} lr {lr:.2e}")
+                self.bar.write(line)
+                _file_only(self.log, line)
+            else:
+                self.log.info(line)
+            self.metrics.scalars({**means, "lr": lr}, global_step)
+        self._restart()
+
+    def epoch_loss(self):
+        """The mean loss over the micro-batches this process ran in the epoch (None if none)."""
+        return self.epoch_losses.means().get("loss")
+
+
+def _file_only(logger, line):
+    """Write ``line`` to the log file handlers only (the console shows it above the tqdm bar)."""
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def report_bad_images(datasets, output_dir, log, main):
+    """Count the images skipped as undecodable and list them all in output_dir/bad_images_<split>.txt:
+    rank 0 writes those every rank's loader met (a collective: every rank calls this).
+    ``datasets``: {split: dataset with a ``bad_images`` list}."""
+    for split, dataset in sorted(datasets.items()):
+        bad = sorted(set(getattr(dataset, "bad_images", None) or ()))
+        bad = sorted(set().union(*du.gather_objects(bad)))
+        if bad and main:
+            listing = os.path.join(output_dir, f"bad_images_{split}.txt")
+            write_text(listing, "".join(f"{path}\n" for path in bad))
+            log.warning(f"{len(bad)} undecodable {split} image(s) were skipped "
+                        f"(skip_bad_images: true), e.g. {bad[0]}; all listed in {listing}")

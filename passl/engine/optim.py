@@ -57,8 +57,8 @@ def AdamW(parameters=None, apply_decay_param_fun=None, grad_clip=None, multi_pre
           epsilon: float = 1e-8, weight_decay: float = 0.05):
     """Paddle AdamW with decoupled weight decay.
 
-    Config keys: ``lr`` (for ``reference_batch`` images per optimizer step; the trainer passes the
-    already-scaled lr here), ``reference_batch`` (0 = do not scale), ``beta1``, ``beta2``,
+    Config keys: ``lr`` (for ``reference_batch`` images per optimizer step; ``build_optimizer``
+    passes the already-scaled lr here), ``reference_batch`` (0 = do not scale), ``beta1``, ``beta2``,
     ``epsilon``, ``weight_decay``. The other arguments are filled in by ``build_optimizer``.
     """
     return paddle.optimizer.AdamW(learning_rate=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
@@ -94,7 +94,14 @@ def build_optimizer(opt_cfg, model, global_batch, grad_clip=None, multi_precisio
 # schedules: callables step -> lr, built with base_lr, epochs and steps_per_epoch
 
 class _Schedule:
-    def __init__(self):
+    """A linear warm-up from ``warmup_lr`` over ``warmup_epochs``, then ``after_warmup(t)``.
+
+    Time ``t`` is measured in epochs: fractional when ``per_iteration``, whole epochs otherwise (as
+    the reference, which updates once per epoch).
+    """
+
+    def __init__(self, warmup_epochs, warmup_lr, per_iteration):
+        self.warmup_epochs, self.warmup_lr, self.per_iteration = warmup_epochs, warmup_lr, per_iteration
         self.base_lr = self.epochs = self.steps_per_epoch = None
 
     def bind(self, base_lr, epochs, steps_per_epoch):
@@ -105,32 +112,33 @@ class _Schedule:
         self.base_lr, self.epochs, self.steps_per_epoch = base_lr, epochs, steps_per_epoch
         return self
 
-    def _time(self, step):
+    def __call__(self, step):
+        """The lr for optimizer step ``step`` (0-based, counted over the whole run)."""
         t = step / self.steps_per_epoch
-        return t if self.per_iteration else math.floor(t)
+        t = t if self.per_iteration else math.floor(t)
+        if t < self.warmup_epochs:
+            return self.warmup_lr + (self.base_lr - self.warmup_lr) * t / self.warmup_epochs
+        return self.after_warmup(t)
+
+    def after_warmup(self, t):
+        raise NotImplementedError
 
 
 @LR_SCHEDULES.register()
 class WarmupCosine(_Schedule):
     """Linear warm-up from ``warmup_lr``, cosine to ``min_lr``, then ``cooldown_epochs`` at ``min_lr``.
 
-    Time is measured in epochs (fractional when ``per_iteration``; whole epochs otherwise, as the
-    reference updates once per epoch). ``epochs`` counts the cool-down, so the cosine ends at
-    ``epochs - cooldown_epochs``. As in timm, the cosine runs from epoch 0 and warm-up overrides its
-    start, unless ``warmup_prefix`` makes the cosine begin where the warm-up ends.
+    ``epochs`` counts the cool-down, so the cosine ends at ``epochs - cooldown_epochs``. As in timm,
+    the cosine runs from epoch 0 and warm-up overrides its start, unless ``warmup_prefix`` makes the
+    cosine begin where the warm-up ends. ``per_iteration`` False steps the lr once per epoch.
     """
 
     def __init__(self, warmup_epochs: float = 5.0, warmup_lr: float = 1e-6, min_lr: float = 1e-5,
                  cooldown_epochs: float = 10.0, per_iteration: bool = True, warmup_prefix: bool = False):
-        super().__init__()
-        self.warmup_epochs, self.warmup_lr, self.min_lr = warmup_epochs, warmup_lr, min_lr
-        self.cooldown_epochs, self.per_iteration, self.warmup_prefix = cooldown_epochs, per_iteration, warmup_prefix
+        super().__init__(warmup_epochs, warmup_lr, per_iteration)
+        self.min_lr, self.cooldown_epochs, self.warmup_prefix = min_lr, cooldown_epochs, warmup_prefix
 
-    def __call__(self, step):
-        """The lr for optimizer step ``step`` (0-based, counted over the whole run)."""
-        t = self._time(step)
-        if t < self.warmup_epochs:
-            return self.warmup_lr + (self.base_lr - self.warmup_lr) * t / self.warmup_epochs
+    def after_warmup(self, t):
         start = self.warmup_epochs if self.warmup_prefix else 0.0
         span = self.epochs - self.cooldown_epochs - start
         if span <= 0 or t >= start + span:
@@ -143,13 +151,9 @@ class Constant(_Schedule):
     """The base lr throughout, after an optional linear warm-up from ``warmup_lr`` (fine-tuning)."""
 
     def __init__(self, warmup_epochs: float = 0.0, warmup_lr: float = 1e-6, per_iteration: bool = True):
-        super().__init__()
-        self.warmup_epochs, self.warmup_lr, self.per_iteration = warmup_epochs, warmup_lr, per_iteration
+        super().__init__(warmup_epochs, warmup_lr, per_iteration)
 
-    def __call__(self, step):
-        t = self._time(step)
-        if t < self.warmup_epochs:
-            return self.warmup_lr + (self.base_lr - self.warmup_lr) * t / self.warmup_epochs
+    def after_warmup(self, t):
         return self.base_lr
 
 

@@ -56,6 +56,8 @@ def count_macs(model, img_size=None):
     if isinstance(model, dict):
         from passl.registry import MODELS
         model = MODELS.build(model)
+    if hasattr(model, "count_macs"):   # a model whose stages are not LV-ViT's uniform blocks (VOLO) counts itself
+        return model.count_macs(img_size)
     height, width = model.img_size if img_size is None else (
         (img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
     stem, grid = _stem_macs(model.patch_embed, height, width)
@@ -80,7 +82,8 @@ def summarize(model, img_size=None):
         model = MODELS.build(model)
     return {"params": count_params(model), "macs": count_macs(model, img_size),
             "img_size": model.img_size if img_size is None else img_size,
-            "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_classes": model.num_classes}
+            "embed_dim": model.embed_dim, "depth": model.depth if hasattr(model, "depth") else len(model.blocks),
+            "num_classes": model.num_classes}
 
 
 def format_summary(summary, title="model"):

@@ -1,4 +1,4 @@
-"""Device choice and the little there is to know about ranks."""
+"""Device choice, ranks and the few collectives the engine uses (each a no-op with one process)."""
 import os
 
 from passl.errors import ConfigError
@@ -30,10 +30,12 @@ def select_device(name="auto", log=print):
 
 
 def world_size():
+    """Processes in this run (paddle.distributed.launch sets PADDLE_TRAINERS_NUM); 1 without the launcher."""
     return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
 
 
 def rank():
+    """This process's index in the run, 0 without the launcher."""
     return int(os.environ.get("PADDLE_TRAINER_ID", "0"))
 
 
@@ -41,5 +43,33 @@ def local_rank():
     return int(os.environ.get("PADDLE_LOCAL_RANK", os.environ.get("FLAGS_selected_gpus", "0").split(",")[0] or 0))
 
 
-def is_main_process():
-    return rank() == 0
+def init_distributed():
+    """Join the process group of a multi-process run (once; nothing to do with one process)."""
+    import paddle.distributed as dist
+    if world_size() > 1 and not dist.is_initialized():
+        dist.init_parallel_env()
+
+
+def unwrap(model):
+    """The model inside a ``paddle.DataParallel`` wrapper, or ``model`` itself."""
+    import paddle
+    return model._layers if isinstance(model, paddle.DataParallel) else model
+
+
+def all_reduce(tensor, op="sum"):
+    """``tensor`` reduced in place over all processes with ``op`` ('sum', 'min' or 'max'); returned."""
+    if world_size() > 1:
+        import paddle.distributed as dist
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def gather_objects(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable Python objects); ``[obj]`` with one process."""
+    if world_size() == 1:
+        return [obj]
+    import paddle.distributed as dist
+    gathered = []
+    dist.all_gather_object(gathered, obj)
+    return gathered

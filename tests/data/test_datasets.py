@@ -1,9 +1,8 @@
-"""ImageFolder, TokenLabelDataset items, bad images, determinism, draft decoding, inspect_labels."""
+"""ImageFolder, TokenLabelDataset items, bad images, determinism, draft decoding, sizes from the model."""
 import os
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 import passl  # noqa: F401
@@ -159,26 +158,15 @@ def test_paddle_dataloader_with_workers_gives_numpy_batches(tmp_path):
     assert np.isfinite(float(loss["loss"]))
 
 
-def test_inspect_labels_tool(tmp_path, capsys):
-    import importlib.util
+def test_transform_sizes_follow_the_model_img_size(tmp_path):
     root, maps = str(tmp_path / "train"), str(tmp_path / "maps")
     make_folder(root, maps=maps)
-    config = {"model": {"name": "lvvit_t", "img_size": 32, "num_classes": 3},
-              "data": {"train": cfg(root, maps)}}
-    config_path = tmp_path / "c.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "inspect_labels.py")
-    spec = importlib.util.spec_from_file_location("inspect_labels", tool)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out, png = tmp_path / "s.npz", tmp_path / "s.png"
-    argv = ["-c", str(config_path), "--index", "3", "--seed", "1", "--out", str(out), "--png", str(png)]
-    assert module.main(argv) == 0
-    saved = np.load(out)
-    assert saved["image"].shape == (3, 32, 32) and saved["token_targets"].shape == (4, 3)
-    np.testing.assert_allclose(saved["token_targets"].sum(-1), 1, atol=1e-5)
-    np.testing.assert_allclose(saved["cls_target"].sum(), 1, atol=1e-5)
-    assert saved["grid"].tolist() == [2, 2] and Image.open(png).size == (96, 96)
-    assert "wrote" in capsys.readouterr().out
-    module.main(argv[:-4] + ["--out", str(tmp_path / "t.npz")])
-    np.testing.assert_array_equal(np.load(tmp_path / "t.npz")["image"], saved["image"])   # same seed, same sample
+    unsized = [{k: v for k, v in t.items() if k != "size"} for t in TRAIN]
+    train = build_dataset(cfg(root, maps, transforms=unsized), "train", 3, (3, 3), (48, 48))
+    item = train[0]
+    assert item["image"].shape == (3, 48, 48) and item["token_probs"].shape[0] == 9   # grid from the caller
+    val = build_dataset(cfg(root, transforms=[{"name": "ResizeShorter", "crop_pct": 0.8}, {"name": "CenterCrop"}]),
+                        "val", 3, (2, 2), (32, 32))
+    assert val[0]["image"].shape == (3, 32, 32)
+    with pytest.raises(ConfigError, match=r"data\.train\.transforms\.2 \(RandomResizedCrop\)\.size is not set"):
+        build_dataset(cfg(root, transforms=unsized), "train", 3, (2, 2))

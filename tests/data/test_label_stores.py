@@ -9,9 +9,9 @@ from PIL import Image
 import passl  # noqa: F401
 from passl.data import build_dataset
 from passl.data.label_maps import PACKED_DATA, PACKED_INDEX, coverage_region
-from passl.errors import DataError
+from passl.errors import ConfigError, DataError
 from passl.registry import LABEL_STORES
-from passl.utils.pth_io import save_pth
+from passl.io.pth import save_pth
 
 
 def write_tree(root, maps, kind):
@@ -71,8 +71,8 @@ def test_three_stores_give_identical_maps_and_pth_round_trips(tmp_path, capsys):
 def test_pack_tool_from_npy_and_atomic_outputs(tmp_path):
     maps = random_maps(3)
     write_tree(str(tmp_path / "npy"), maps, "npy")
-    run_tool("pack_labels", ["--src", str(tmp_path / "npy"), "--out", str(tmp_path / "p"), "--no-progress",
-                             "--dtype", "float32"])
+    run_tool("convert_labels", ["--src", str(tmp_path / "npy"), "--src-format", "npy", "--to", "packed",
+                                "--out", str(tmp_path / "p"), "--no-progress", "--dtype", "float32"])
     assert sorted(os.listdir(tmp_path / "p")) == sorted([PACKED_DATA, PACKED_INDEX])   # no temporary files left
     index = json.loads((tmp_path / "p" / PACKED_INDEX).read_text())
     assert index["coverage"] == "center_square" and index["shape"] == [2, 5, 7, 7]
@@ -83,12 +83,21 @@ def test_pack_tool_from_npy_and_atomic_outputs(tmp_path):
         LABEL_STORES.build({"name": "packed", "root": str(tmp_path / "p"), "coverage": "full"})
 
 
+def test_dtype_is_for_packed_stores_only(tmp_path):
+    write_tree(str(tmp_path / "npy"), random_maps(1), "npy")
+    with pytest.raises(ConfigError, match="--dtype applies to --to packed"):
+        run_tool("convert_labels", ["--src", str(tmp_path / "npy"), "--src-format", "npy", "--to", "npy",
+                                    "--out", str(tmp_path / "out"), "--dtype", "float32"])
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_pack_fails_cleanly_on_mismatched_shapes(tmp_path):
     maps = random_maps(3)
     maps["n00000000/odd"] = np.zeros((2, 5, 8, 8), np.float16)
     write_tree(str(tmp_path / "npy"), maps, "npy")
     with pytest.raises(DataError, match="odd.npy"):
-        run_tool("pack_labels", ["--src", str(tmp_path / "npy"), "--out", str(tmp_path / "p"), "--no-progress"])
+        run_tool("convert_labels", ["--src", str(tmp_path / "npy"), "--src-format", "npy", "--to", "packed",
+                                    "--out", str(tmp_path / "p"), "--no-progress"])
     assert not os.path.exists(tmp_path / "p" / PACKED_INDEX)
     assert os.listdir(tmp_path / "p") == []
 

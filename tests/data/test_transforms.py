@@ -192,20 +192,6 @@ def test_random_erasing_fills_exactly_its_boxes_on_the_batch():
     assert all(np.unique(rand[0, c, 2:6, 3:8]).size == 1 for c in range(3))     # one colour per channel
 
 
-def test_normalize_ends_the_per_sample_pipeline():
-    from passl.data.datasets import split_device_stage
-    flip, normalize, erasing = RandomHorizontalFlip(), Normalize(), RandomErasing()
-    assert split_device_stage([flip, normalize, erasing]) == ([flip, erasing], normalize, erasing)
-    assert split_device_stage([flip]) == ([flip], None, None)
-    with pytest.raises(ConfigError, match="after Normalize"):
-        split_device_stage([flip, erasing, normalize])
-    with pytest.raises(ConfigError, match="after Normalize"):
-        split_device_stage([flip, erasing])
-    with pytest.raises(ConfigError, match="RandomHorizontalFlip comes after Normalize"):
-        split_device_stage([normalize, flip])
-    assert split_device_stage([RandomErasing(enable=False), normalize])[1] is normalize
-
-
 def test_crop_window_gives_the_same_pixels_as_whole_image_ops():
     """RandAugment computing geometric ops only where the planned crop looks must not change a pixel."""
     pixels = np.random.default_rng(0).integers(0, 255, (75, 100, 3), dtype=np.uint8)

@@ -19,6 +19,10 @@ def make_image_folder(root, classes=3, per_class=4, size=32, seed=0):
     return str(root)
 
 
+# the eval pipeline of the real configs (sizes from model.img_size); on the 32 px test images it changes nothing
+EVAL_TRANSFORMS = [{"name": "ResizeShorter", "crop_pct": 1.0}, {"name": "CenterCrop"}, {"name": "Normalize"}]
+
+
 def tiny_config(tmp_path, train_root, val_root=None, augment=True, **overrides):
     """A config file for a 32 px, 2-block LV-ViT on ``train_root``; returns its path."""
     train_transforms = [{"name": "RandomResizedCrop", "size": 32, "scale": [0.5, 1.0]},
@@ -34,7 +38,7 @@ def tiny_config(tmp_path, train_root, val_root=None, augment=True, **overrides):
         "data": {"train": {"dataset": {"name": "ImageFolder", "root": train_root}, "transforms": train_transforms,
                            "batch_size": 4, "num_workers": 0},
                  "val": {"dataset": {"name": "ImageFolder", "root": val_root} if val_root else None,
-                         "transforms": [{"name": "Normalize"}], "batch_size": 4, "num_workers": 0}},
+                         "transforms": EVAL_TRANSFORMS, "batch_size": 4, "num_workers": 0}},
         "ema": {"enable": True, "decay": 0.9},
         "train": {"log_interval": 2},
     }

@@ -1,12 +1,16 @@
-"""Checkpoint files: atomic writes, latest/best/keep_last, optimizer state by structured names."""
+"""Checkpoint files: atomic writes, latest/best/keep_last, optimizer state by structured names, and the
+training state: assembled, restored into a new run, refused when it cannot be continued."""
 import os
 
 import numpy as np
 import paddle
 import pytest
 
-from passl.engine.checkpoint import (CheckpointManager, atomic_save, find_latest, load_file,
-                                     optimizer_state_by_names, optimizer_state_from_names, weights_from)
+from passl.engine.checkpoint import (CheckpointManager, Progress, atomic_save, check_resumable, find_latest,
+                                     load_file, optimizer_state_by_names, optimizer_state_from_names,
+                                     restore_training_state, training_state)
+from passl.engine.ema import ModelEma
+from passl.engine.step import OptimizerStep
 from passl.errors import CheckpointError
 
 
@@ -32,7 +36,11 @@ def test_manager_keeps_last_and_links_latest_best(tmp_path):
     for epoch in range(1, 5):
         manager.save_epoch({"epoch": epoch}, epoch, is_best=epoch == 2, best_weights={"w": paddle.ones([1])})
     names = sorted(os.listdir(tmp_path))
-    assert names == ["best.pdckpt", "best_model.pdparams", "epoch_0003.pdckpt", "epoch_0004.pdckpt", "latest.pdckpt"]
+    assert names == ["best.pdckpt", "best_model.pdparams", "best_model.safetensors", "epoch_0003.pdckpt",
+                     "epoch_0004.pdckpt", "latest.pdckpt"]
+    from passl.io import read_safetensors, safetensors_metadata
+    assert read_safetensors(str(tmp_path / "best_model.safetensors"))["w"].tolist() == [1.0]
+    assert safetensors_metadata(str(tmp_path / "best_model.safetensors"))["epoch"] == "2"
     assert load_file(str(tmp_path / "best.pdckpt"))["epoch"] == 2
     assert load_file(find_latest(str(tmp_path)))["epoch"] == 4
     manager.save_latest({"epoch": 4, "batch": 3})
@@ -76,8 +84,72 @@ def test_optimizer_state_survives_new_internal_names(tmp_path):
     np.testing.assert_array_equal(model[0].weight.numpy(), model2[0].weight.numpy())
 
 
-def test_weights_from_checkpoint_prefers_recorded_best():
-    ckpt = {"model": {"w": 1}, "ema": {"w": 2}, "best": {"which": "ema"}}
-    assert weights_from(ckpt) == ({"w": 2}, "ema")
-    assert weights_from({**ckpt, "best": {"which": "model"}}) == ({"w": 1}, "model")
-    assert weights_from({"head.weight": 3}) == ({"head.weight": 3}, "weights")
+def _run_pieces(seed):
+    """A model with BN statistics, its OptimizerStep and EMA, as build_run makes them (new internal names
+    on every call)."""
+    paddle.seed(seed)
+    model = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.BatchNorm1D(4), paddle.nn.Linear(4, 2))
+    return model, OptimizerStep(paddle.optimizer.AdamW(learning_rate=0.01, parameters=model.parameters())), \
+        ModelEma(model, decay=0.5)
+
+
+def _train_steps(model, step, ema, n):
+    for i in range(n):
+        step.backward(model(paddle.rand([6, 3])).pow(2).mean())
+        step.step(0.01)
+        ema.update(model)
+
+
+CFG = {"seed": 3, "data": {"train": {"batch_size": 4}}}
+
+
+def test_training_state_restores_into_a_new_run(tmp_path):
+    model, step, ema = _run_pieces(0)
+    _train_steps(model, step, ema, 2)
+    progress = Progress(epoch=1, batch=2, global_step=5, best={"top1": 50.0, "which": "ema", "epoch": 1})
+    atomic_save(training_state(model, step, ema, progress, CFG, world_size=1), str(tmp_path / "c.pdckpt"))
+    next_draw = paddle.rand([4]).numpy()                 # the stream continues from the saved generator state
+    ckpt = load_file(str(tmp_path / "c.pdckpt"))
+    assert ckpt["sampler"] == {"epoch": 1, "batch": 2, "seed": 3, "world_size": 1, "batch_size": 4}
+
+    model2, step2, ema2 = _run_pieces(1)
+    check_resumable(ckpt, "c.pdckpt", world_size=1, batch_size=4)
+    assert restore_training_state(ckpt, "c.pdckpt", model2, step2, ema2) == progress
+    np.testing.assert_array_equal(paddle.rand([4]).numpy(), next_draw)
+    for a, b in ((model, model2), (ema.module, ema2.module)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=name)
+    paddle.seed(9)
+    _train_steps(model, step, ema, 1)
+    paddle.seed(9)
+    _train_steps(model2, step2, ema2, 1)                 # Adam moments came back too: the same next step
+    np.testing.assert_array_equal(model[0].weight.numpy(), model2[0].weight.numpy())
+
+
+def test_an_ema_the_checkpoint_lacks_starts_from_the_restored_weights(tmp_path):
+    model, step, _ = _run_pieces(0)
+    _train_steps(model, step, ModelEma(model), 1)
+    ckpt = training_state(model, step, None, Progress(epoch=1), CFG, world_size=1)
+    assert ckpt["ema"] is None
+    model2, step2, ema2 = _run_pieces(1)
+    restore_training_state(ckpt, "c.pdckpt", model2, step2, ema2)
+    np.testing.assert_array_equal(ema2.module[0].weight.numpy(), model[0].weight.numpy())
+    model2[0].weight.set_value(paddle.zeros([3, 4]))
+    assert np.abs(ema2.module[0].weight.numpy()).sum() > 0   # a copy, not the model's own tensor
+
+
+def test_resume_refuses_what_it_cannot_continue():
+    model, step, ema = _run_pieces(0)
+    mid_epoch = training_state(model, step, ema, Progress(epoch=1, batch=2, global_step=5), CFG, world_size=2)
+    with pytest.raises(CheckpointError, match="stopped mid-epoch with 2 processes x batch 4"):
+        check_resumable(mid_epoch, "c.pdckpt", world_size=1, batch_size=4)
+    with pytest.raises(CheckpointError, match="stopped mid-epoch with 2 processes x batch 4"):
+        check_resumable(mid_epoch, "c.pdckpt", world_size=2, batch_size=8)
+    check_resumable(mid_epoch, "c.pdckpt", world_size=2, batch_size=4)
+    epoch_end = training_state(model, step, ema, Progress(epoch=2, global_step=6), CFG, world_size=2)
+    check_resumable(epoch_end, "c.pdckpt", world_size=1, batch_size=8)   # an epoch boundary fits any cluster
+    with pytest.raises(CheckpointError, match="c.pdckpt: not a training checkpoint .no 'optimizer'.; use --load"):
+        check_resumable({"model": {}, "epoch": 1}, "c.pdckpt", 1, 4)
+    other_model = paddle.nn.Sequential(paddle.nn.Linear(3, 4))
+    with pytest.raises(CheckpointError, match="model keys do not match"):
+        restore_training_state(epoch_end, "c.pdckpt", other_model, step, None)

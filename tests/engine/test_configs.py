@@ -4,6 +4,7 @@ import os
 import pytest
 
 from passl.config import load_config
+from passl.data.pipeline import build_transforms
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "lvvit")
 
@@ -45,8 +46,12 @@ def test_finetune_recipe(name, model, size):
     assert cfg["optimizer"]["lr"] == 5e-6 and cfg["optimizer"]["weight_decay"] == 1e-8
     assert cfg["lr_schedule"]["name"] == "Constant"
     assert cfg["data"]["train"]["batch_size"] == 64
-    sizes = [t["size"] for t in cfg["data"]["train"]["transforms"] + cfg["data"]["val"]["transforms"] if "size" in t]
-    assert set(sizes) == {size}
+    # the crops and resizes take the model's img_size: RandomResizedCrop, ResizeShorter, CenterCrop
+    built = {split: build_transforms(cfg["data"][split]["transforms"], cfg["model"]["img_size"])
+             for split in ("train", "val")}
+    sizes = [t.size for t in built["train"] + built["val"] if hasattr(t, "size")]
+    assert len(sizes) == 3 and set(sizes) == {size}
+    assert built["val"][0].target_short_side() == size          # evaluated at crop_pct 1.0
 
 
 def test_transfer_config():

@@ -101,3 +101,11 @@ def test_warmup_prefix_and_constant():
     assert sched(4) == pytest.approx(0.5)
     const = build_lr_schedule({"name": "Constant"}, 5e-6, 10, 3)
     assert {const(s) for s in range(30)} == {5e-6}
+
+
+def test_constant_warms_up_like_the_cosine():
+    const = build_lr_schedule({"name": "Constant", "warmup_epochs": 2, "warmup_lr": 0.1}, 1.0, 10, 4)
+    assert [const(s) for s in (0, 2, 4, 6, 8, 30)] == pytest.approx([0.1, 0.325, 0.55, 0.775, 1.0, 1.0])
+    whole_epochs = build_lr_schedule({"name": "Constant", "warmup_epochs": 2, "warmup_lr": 0.1,
+                                      "per_iteration": False}, 1.0, 10, 4)
+    assert [whole_epochs(s) for s in (3, 4, 7, 8)] == pytest.approx([0.1, 0.55, 0.55, 1.0])

@@ -1,5 +1,6 @@
-"""The Trainer on a tiny LV-ViT and synthetic images: exact resume, NaN stop, Ctrl-C, evaluate-only,
-output-dir checks. Expected weights come from an uninterrupted run, never from the code under test."""
+"""train / fit / evaluate_only on a tiny LV-ViT and synthetic images: exact resume, NaN stop, Ctrl-C,
+evaluate-only, output-dir checks. Expected weights come from an uninterrupted run, never from the
+code under test."""
 import json
 import os
 import signal
@@ -9,16 +10,25 @@ import paddle
 import pytest
 from engine_helpers import tiny_config
 
+import passl
 from passl.config import load_config
-from passl.engine import trainer as trainer_module
+from passl.engine import evaluate_only, guards, train
 from passl.engine.checkpoint import load_file
-from passl.engine.trainer import Trainer
+from passl.engine.setup import build_run, start_session
+from passl.engine.step import OptimizerStep
+from passl.engine.trainer import fit
 from passl.errors import CheckpointError, PasslError
 
 
 def _run(cfg_path, **train_kwargs):
-    trainer = Trainer(load_config(cfg_path))
-    return trainer, trainer.train(**train_kwargs)
+    return train(load_config(cfg_path), **train_kwargs)
+
+
+def _fit(cfg_path):
+    """build_run + fit, the pieces ``train`` composes, keeping the run for inspection."""
+    run = build_run(start_session(load_config(cfg_path)))
+    with run.metrics:
+        return run, fit(run)
 
 
 def _assert_same_state(a, b):
@@ -40,27 +50,28 @@ def test_resume_is_exact(tmp_path, image_data, monkeypatch, stop_at_step):
     straight_dir, split_dir = tmp_path / "a", tmp_path / "b"
     straight_dir.mkdir()
     split_dir.mkdir()
-    _, code = _run(tiny_config(straight_dir, train_root, val_root))
+    code = _run(tiny_config(straight_dir, train_root, val_root))
     assert code == 0
     expected = load_file(str(straight_dir / "out" / "latest.pdckpt"))
 
-    original = Trainer._optimizer_step
+    original, steps = OptimizerStep.step, [0]
 
-    def step_then_interrupt(self, step):
-        original(self, step)
-        if self.progress["global_step"] == stop_at_step:
+    def step_then_interrupt(self, lr):
+        original(self, lr)
+        steps[0] += 1                                 # the run starts at global step 0
+        if steps[0] == stop_at_step:
             os.kill(os.getpid(), signal.SIGINT)       # a real Ctrl-C, handled at the step boundary
 
     cfg_path = tiny_config(split_dir, train_root, val_root)
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_optimizer_step", step_then_interrupt)
-        _, code = _run(cfg_path)
+        patch.setattr(OptimizerStep, "step", step_then_interrupt)
+        code = _run(cfg_path)
     assert code == 130
     stopped = load_file(str(split_dir / "out" / "latest.pdckpt"))
     assert stopped["global_step"] == stop_at_step
     assert (stopped["epoch"], stopped["batch"]) == ((1, 0) if stop_at_step == 3 else (1, 1))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # handlers restored
-    _, code = _run(cfg_path, resume="auto")
+    code = _run(cfg_path, resume="auto")
     assert code == 0
     _assert_same_state(expected, load_file(str(split_dir / "out" / "latest.pdckpt")))
     lines = [json.loads(x) for x in (split_dir / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -74,11 +85,10 @@ def test_resume_is_exact(tmp_path, image_data, monkeypatch, stop_at_step):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_data, monkeypatch, capsys):
     train_root, val_root = image_data
-    original_setup = Trainer._setup
+    build_loss = passl.build_loss
 
-    def setup_with_nan(self, load, resume):
-        original_setup(self, load, resume)
-        real, calls = self.loss_fn, [0]
+    def build_loss_with_nan(cfg):
+        real, calls = build_loss(cfg), [0]
 
         def loss_fn(outputs, batch):
             out = real(outputs, batch)
@@ -86,11 +96,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_data, mon
             if calls[0] == 5:                       # global step 4: epoch 2, second batch
                 out["loss"] = out["loss"] * float("nan")
             return out
-        self.loss_fn = loss_fn
+        return loss_fn
 
-    monkeypatch.setattr(Trainer, "_setup", setup_with_nan)
+    monkeypatch.setattr(passl, "build_loss", build_loss_with_nan)
     out = tmp_path / "out"
-    _, code = _run(tiny_config(tmp_path, train_root, val_root, epochs=3))
+    code = _run(tiny_config(tmp_path, train_root, val_root, epochs=3))
     assert code == 1
     assert "NaN or infinite at global step 4" in capsys.readouterr().out
     assert sorted(p for p in os.listdir(out) if p.endswith(".pdckpt")) == ["best.pdckpt", "epoch_0001.pdckpt",
@@ -102,13 +112,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_data, mon
 
 def test_evaluate_only_needs_only_validation_data(tmp_path, image_data, capsys):
     train_root, val_root = image_data
-    _, code = _run(tiny_config(tmp_path, train_root, val_root, epochs=1))
+    code = _run(tiny_config(tmp_path, train_root, val_root, epochs=1))
     assert code == 0
     weights = str(tmp_path / "out" / "best.pdckpt")
     cfg = load_config(tiny_config(tmp_path, str(tmp_path / "no_such_train_dir"), val_root,
                                   output_dir=str(tmp_path / "eval")))
-    assert Trainer(cfg).evaluate_only(weights) == 0
+    returned = evaluate_only(cfg, weights)
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert returned == result
     assert result["num_samples"] == 9 and result["weights"] == os.path.abspath(weights)
     assert 0 <= result["top1"] <= result["top5"] <= 100
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("eval ")]
@@ -118,7 +129,7 @@ def test_evaluate_only_needs_only_validation_data(tmp_path, image_data, capsys):
 def test_evaluate_only_lists_skipped_validation_images(tmp_path, image_data):
     import shutil
     train_root, val_root = image_data
-    _, code = _run(tiny_config(tmp_path, train_root, val_root, epochs=1))
+    code = _run(tiny_config(tmp_path, train_root, val_root, epochs=1))
     assert code == 0
     val_copy = tmp_path / "val"
     shutil.copytree(val_root, val_copy)
@@ -126,7 +137,7 @@ def test_evaluate_only_lists_skipped_validation_images(tmp_path, image_data):
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     cfg = load_config(tiny_config(tmp_path, train_root, str(val_copy), output_dir=str(tmp_path / "eval"),
                                   data__val__skip_bad_images=True))
-    assert Trainer(cfg).evaluate_only(str(tmp_path / "out" / "best.pdckpt")) == 0
+    assert evaluate_only(cfg, str(tmp_path / "out" / "best.pdckpt"))["num_samples"] == 10
     assert (tmp_path / "eval" / "bad_images_val.txt").read_text().splitlines() == [str(corrupt)]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["num_samples"] == 10
 
@@ -140,7 +151,7 @@ def test_unwritable_output_dir_and_full_disk_fail_before_training(tmp_path, imag
 
     class Usage:
         free = 1 << 20
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: Usage)
+    monkeypatch.setattr(guards.shutil, "disk_usage", lambda path: Usage)
     with pytest.raises(PasslError, match="free"):
         _run(tiny_config(tmp_path, train_root, val_root))
     assert not any(p.endswith(".pdckpt") for p in os.listdir(tmp_path / "out"))
@@ -157,13 +168,13 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, image_data):
     train_root, val_root = image_data
     finals = []
     for batch, accum in ((4, 1), (2, 2)):
-        run = tmp_path / f"b{batch}"
-        run.mkdir()
-        trainer, code = _run(tiny_config(run, train_root, None, augment=False, epochs=1,
-                                         data__train__batch_size=batch, train__accum_steps=accum,
-                                         train__grad_clip=100.0, optimizer__epsilon=1.0))  # eps 1: Adam sees the gradient scale
-        assert code == 0 and trainer.global_batch == 4 and trainer.progress["global_step"] == 3
-        finals.append({k: v.numpy() for k, v in trainer.raw_model.state_dict().items()})
+        run_dir = tmp_path / f"b{batch}"
+        run_dir.mkdir()
+        run, code = _fit(tiny_config(run_dir, train_root, None, augment=False, epochs=1,
+                                     data__train__batch_size=batch, train__accum_steps=accum,
+                                     train__grad_clip=100.0, optimizer__epsilon=1.0))  # eps 1: Adam sees the gradient scale
+        assert code == 0 and run.global_batch == 4 and run.progress.global_step == 3
+        finals.append({k: v.numpy() for k, v in run.raw_model.state_dict().items()})
     for key in finals[0]:
         np.testing.assert_allclose(finals[1][key], finals[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
 
@@ -177,7 +188,7 @@ def test_skipped_bad_images_are_counted_and_listed(tmp_path, image_data, caplog)
     with open(corrupt, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n not really a png")
     cfg = tiny_config(tmp_path, train_copy, val_root, epochs=1, data__train__skip_bad_images=True)
-    _, code = _run(cfg)
+    code = _run(cfg)
     assert code == 0
     listing = tmp_path / "out" / "bad_images_train.txt"
     assert listing.read_text().splitlines() == [corrupt]
@@ -186,3 +197,27 @@ def test_skipped_bad_images_are_counted_and_listed(tmp_path, image_data, caplog)
         with pytest.raises(PasslError, match="broken.png"):
             _run(tiny_config(tmp_path, train_copy, val_root, epochs=1, output_dir=str(tmp_path / f"strict{workers}"),
                              data__train__num_workers=workers))
+
+
+def _child_processes():
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == os.getpid():
+                children.add(int(entry))
+    return children
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts processes through /proc")
+def test_loader_workers_do_not_outlive_their_epoch(tmp_path, image_data):
+    train_root, val_root = image_data
+    before = _child_processes()
+    code = _run(tiny_config(tmp_path, train_root, val_root, epochs=2, data__train__num_workers=2,
+                            data__val__num_workers=2))
+    assert code == 0
+    assert _child_processes() - before == set()

@@ -9,7 +9,7 @@ import pytest
 from passl.errors import CheckpointError
 from passl.models import (convert_torch_state_dict, detect_variant, load_pretrained, resize_pos_embed)
 from passl.models.lvvit import LVViT
-from passl.utils.pth_io import save_pth
+from passl.io.pth import save_pth
 from lvvit_reference import PUBLISHED, reference_forward, reference_shapes, reference_state_dict
 
 SMALL = dict(dim=32, depth=2, num_classes=10, width=16, grid=4)
@@ -185,3 +185,15 @@ def test_convert_tool(torch_checkpoint, tmp_path, capsys):
     save_pth(weights, raw)
     with pytest.raises(CheckpointError, match="EMA"):
         main(["--src", str(raw), "--dst", str(tmp_path / "x.pdparams"), "--ema"])
+
+
+def test_checkpoint_gives_the_weights_its_best_record_names():
+    from passl.models.convert import _find_weights
+    model_w, ema_w, bare = np.ones(2, np.float32), np.full(2, 2.0, np.float32), np.full(2, 3.0, np.float32)
+    ckpt = {"model": {"w": model_w}, "ema": {"w": ema_w}, "best": {"which": "ema"}}
+    state, which = _find_weights(ckpt, False, "ckpt")
+    assert which == "ema" and state["w"] is ema_w
+    state, which = _find_weights({**ckpt, "best": {"which": "model"}}, False, "ckpt")
+    assert which == "model" and state["w"] is model_w
+    state, which = _find_weights({"head.weight": bare}, False, "weights")
+    assert which == "weights" and state["head.weight"] is bare

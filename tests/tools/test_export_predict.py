@@ -154,3 +154,53 @@ def test_asking_for_a_missing_gpu_is_a_clear_error(exported, tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
     done = _run(PREDICT, "--model", str(tmp / "out"), "--device", "gpu", str(tmp_path / "x.png"))
     assert done.returncode == 2 and "no GPU is visible" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_predict_preprocesses_exactly_as_evaluation(exported, tmp_path):
+    """preprocess_image and the val dataset's batch (what the trainer evaluates) are the same numbers."""
+    from passl.data import build_dataset, collate_fn
+    from passl.data.loader import build_loader
+    from passl.export import preprocess_image
+    tmp, _ = exported
+    with open(tmp / "out" / "preprocess.json") as f:
+        info = json.load(f)
+    assert info["transforms"] == [{"name": "ResizeShorter", "size": 32, "crop_pct": 0.8},
+                                  {"name": "CenterCrop", "size": 32}, {"name": "Normalize", "mean": MEAN, "std": STD}]
+    folder = tmp_path / "val" / "only"
+    os.makedirs(folder)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (61, 47, 3), dtype=np.uint8)).save(folder / "x.png")
+    with open(tmp / "tiny.yaml") as f:
+        val = yaml.safe_load(f)["data"]["val"]
+    dataset = build_dataset({**val, "dataset": {"name": "ImageFolder", "root": str(tmp_path / "val")}},
+                            "val", 3, (2, 2), (32, 32))
+    loader = build_loader(dataset, {"batch_size": 1, "num_workers": 0}, collate_fn, train=False)
+    evaluated = next(iter(loader))["image"].numpy()[0]
+    np.testing.assert_array_equal(preprocess_image(str(folder / "x.png"), info), evaluated)
+
+
+def test_a_folder_exported_without_transforms_still_predicts(exported, tmp_path):
+    from passl.export import preprocess_image
+    tmp, _ = exported
+    with open(tmp / "out" / "preprocess.json") as f:
+        info = json.load(f)
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    flat = {k: v for k, v in info.items() if k not in ("transforms", "input_size")}
+    np.testing.assert_array_equal(preprocess_image(str(tmp_path / "x.png"), flat),
+                                  preprocess_image(str(tmp_path / "x.png"), info))
+
+
+def test_eval_preprocessing_takes_the_model_size_and_refuses_a_mismatch():
+    from passl.errors import ConfigError
+    from passl.export import eval_preprocessing
+    cfg = {"model": {"name": "LVViT"}, "data": {"val": {"transforms": [
+        {"name": "ResizeShorter", "crop_pct": 0.875}, {"name": "CenterCrop"}, {"name": "Normalize"},
+        {"name": "RandomHorizontalFlip", "enable": False}]}}}
+    info = eval_preprocessing(cfg, (48, 48))
+    assert [t["name"] for t in info["transforms"]] == ["ResizeShorter", "CenterCrop", "Normalize"]   # enabled only
+    assert (info["resize_shorter"], info["crop_size"], info["input_size"]) == (54, 48, [48, 48])
+    cfg["data"]["val"]["transforms"][1] = {"name": "CenterCrop", "size": 40}
+    with pytest.raises(ConfigError, match=r"into 40x40, but the model takes 48x48"):
+        eval_preprocessing(cfg, (48, 48))
+    cfg["data"]["val"]["transforms"] = [{"name": "ResizeShorter", "crop_pct": 1.0}, {"name": "Normalize"}]
+    with pytest.raises(ConfigError, match="CenterCrop"):            # no crop: the output is not square
+        eval_preprocessing(cfg, (48, 48))

@@ -62,6 +62,19 @@ def _reference_maps(net, path, k):
     return np.take_along_axis(logits, order, 0), order
 
 
+def test_preprocess_resizes_the_whole_image_and_normalises(tmp_path):
+    """Independent numpy/PIL reference: the whole image resized to W x H, then (x / 255 - mean) / std."""
+    from passl.annotate import preprocess
+    pixels = np.random.default_rng(4).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    for interpolation, pil in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+        got = preprocess(str(tmp_path / "x.png"), (40, 32), MEAN, STD, interpolation)
+        resized = np.asarray(Image.fromarray(pixels).resize((40, 32), pil), np.float64)
+        want = ((resized / 255.0 - np.array(MEAN)) / np.array(STD)).transpose(2, 0, 1)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_maps_have_the_spec_layout_and_match_a_1x1_conv_reference(tmp_path, small_cnn):
     from passl.annotate import generate_label_maps
     net, weights = small_cnn

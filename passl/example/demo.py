@@ -2,8 +2,8 @@
 
 Steps, each through the toolkit's own entry points (what a user runs by hand):
 
-1. build the example dataset (``passl.data.digit_scenes``, as tools/make_example.py) unless present;
-2. train the annotator, a small CNN, on image-level labels (the Trainer, configs/example/annotator_digits.yaml);
+1. build the example dataset (``passl.example.scenes``, as tools/make_example.py) unless present;
+2. train the annotator, a small CNN, on image-level labels (passl.engine.train, configs/example/annotator_digits.yaml);
 3. label every training image densely with it (``generate_label_maps``, as tools/generate_labels.py);
 4. train the same small LV-ViT twice on the same budget: with token labeling
    (configs/example/lvvit_digits_tl.yaml) and with the class token only (lvvit_digits_cls.yaml);
@@ -17,7 +17,8 @@ import time
 
 __all__ = ["run_demo", "DEMO_CONFIGS"]
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "example")
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "configs", "example")
 DEMO_CONFIGS = {
     "annotator": os.path.join(_CONFIG_DIR, "annotator_digits.yaml"),
     "token_labeling": os.path.join(_CONFIG_DIR, "lvvit_digits_tl.yaml"),
@@ -30,21 +31,19 @@ def _banner(log, text):
     log(f"\n=== {text} ===")
 
 
-def _train(config, overrides, log):
-    """Train with the Trainer from ``config`` + ``overrides``; then evaluate the final weights.
-    Returns {top1, top5, seconds (training + evaluation), output_dir}."""
+def _train(config, overrides):
+    """Train with passl.engine.train from ``config`` + ``overrides``; then evaluate the final weights.
+    Returns {top1, top5, seconds (training + evaluation), output_dir, weights}."""
     from passl.config import load_config
-    from passl.engine.trainer import Trainer
+    from passl.engine import evaluate_only, train
     from passl.errors import PasslError
     cfg = load_config(config, overrides)
     start = time.time()
-    status = Trainer(cfg).train()
+    status = train(cfg)
     if status != 0:
         raise PasslError(f"training {config} stopped with status {status}; see {cfg['output_dir']}/train.log")
     final = os.path.join(cfg["output_dir"], "latest.pdckpt")   # the last epoch, not the best: no selection on val
-    evaluator = Trainer(cfg)
-    evaluator.evaluate_only(final)
-    result = evaluator.last_eval
+    result = evaluate_only(cfg, final)
     return {"top1": result["top1"], "top5": result["top5"], "seconds": time.time() - start,
             "output_dir": cfg["output_dir"], "weights": final}
 
@@ -54,11 +53,13 @@ def run_demo(data_dir="data/digit_scenes", out_dir="output/demo", train_per_clas
     """Run the whole example (see the module docstring). None keeps the builder's image counts and the
     configs' epochs. ``build_data`` False uses ``data_dir`` as it is (any folder with train/ and val/ in
     ImageNet layout; the image size comes from its meta.json, else 80x64).
-    Returns {"rows": [{method, top1, top5, seconds}], "annotator": {...}, "labels": {...}, "seconds"}."""
+    Returns {"rows": [{method, top1, top5, seconds, output_dir, weights}], "annotator": {...}, "labels": {...},
+    "dataset": {...}, "seconds"}; results.json holds the same."""
     from passl.annotate import build_cnn_annotator, generate_label_maps, list_images
     from passl.config import load_config
-    from passl.data.digit_scenes import build_digit_scenes, read_meta
+    from passl.example.scenes import build_digit_scenes, read_meta
     from passl.utils.distributed import select_device
+    from passl.utils.fileio import write_text
 
     start = time.time()
     data_dir, out_dir = os.path.abspath(data_dir), os.path.abspath(out_dir)
@@ -78,7 +79,7 @@ def run_demo(data_dir="data/digit_scenes", out_dir="output/demo", train_per_clas
     _banner(log, "2/4 annotator: a small CNN trained on image labels")
     ann_dir = os.path.join(out_dir, "annotator")
     ann_over = roots + [f"output_dir={ann_dir}"] + ([f"epochs={annotator_epochs}"] if annotator_epochs else [])
-    annotator_result = _train(DEMO_CONFIGS["annotator"], ann_over, log)
+    annotator_result = _train(DEMO_CONFIGS["annotator"], ann_over)
 
     _banner(log, "3/4 dense label maps from the annotator")
     select_device("auto", log=None)
@@ -96,16 +97,14 @@ def run_demo(data_dir="data/digit_scenes", out_dir="output/demo", train_per_clas
             [f"epochs={lvvit_epochs}"] if lvvit_epochs else [])
         if key == "token_labeling":
             over.append(f"data.train.label_store.root={labels_dir}")
-        result = _train(DEMO_CONFIGS[key], over, log)
+        result = _train(DEMO_CONFIGS[key], over)
         rows.append({"method": method, **result})
 
     summary = {"rows": rows, "annotator": annotator_result, "labels": {k: labels[k] for k in ("written", "existing",
                                                                                              "map_shape")},
                "dataset": {"dir": data_dir, "train": data["train"], "val": data["val"]},
                "seconds": time.time() - start}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=1))
     log("\n" + format_table(summary))
     tl, cls = rows
     log(f"demo done in {summary['seconds'] / 60:.1f} min: token labeling top-1 {tl['top1']:.1f}% vs class token only "

@@ -10,7 +10,7 @@ import pytest
 # Shortened schedule: the full training set (the annotator needs it to become good enough to label with),
 # 20 val scenes per class, annotator 4 epochs, LV-ViT 4 epochs (the README's run uses 7).
 SHORT = dict(train_per_class=300, val_per_class=20, annotator_epochs=4, lvvit_epochs=4)
-# Measured on a 2-core CPU (python -c "from passl.demo import run_demo; run_demo(..., **SHORT)"): token labeling
+# Measured on a 2-core CPU (python -c "from passl.example.demo import run_demo; run_demo(..., **SHORT)"): token labeling
 # 39.5% top-1, class token only 8.5%, annotator 89.0%, 6 min. Fewer scenes or epochs stay at chance (60 scenes
 # per class and 6 epochs: 11.5%), so a floor there would prove nothing. The floor leaves room for the numerical
 # differences between CPUs that a few epochs of training amplify, and is far above chance (10%).
@@ -20,7 +20,7 @@ MARGIN_OVER_CLASS_TOKEN_ONLY = 10.0
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_token_labeling_clears_the_floor(tmp_path):
-    from passl.demo import run_demo
+    from passl.example.demo import run_demo
     lines = []
     summary = run_demo(str(tmp_path / "digits"), str(tmp_path / "demo"), progress=False, log=lines.append, **SHORT)
     tl, cls = summary["rows"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from passl.data import digit_scenes
-from passl.data.digit_scenes import build_digit_scenes, render_scene
+from passl.example import scenes
+from passl.example.scenes import build_digit_scenes, render_scene
 from passl.errors import DataError
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -185,7 +185,7 @@ def test_interrupted_build_leaves_the_old_dataset_alone(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return render_scene(*args, **kwargs)
 
-    monkeypatch.setattr(digit_scenes, "render_scene", failing_render)
+    monkeypatch.setattr(scenes, "render_scene", failing_render)
     with pytest.raises(KeyboardInterrupt):
         build(out, seed=1, force=True)
     assert tree_digest(out) == before

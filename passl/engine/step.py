@@ -1,0 +1,59 @@
+"""The optimizer step: loss scaling, backward, gradient accumulation, clipping and the update.
+
+    step = OptimizerStep(optimizer, scaler, accum_steps)
+    with step.accumulating(model, update):       # DataParallel all-reduces only when updating
+        loss = loss_fn(model(images), batch)["loss"]
+        step.backward(loss)                       # loss / accum_steps, times the loss scale
+    if update:                                    # the last of accum_steps micro-batches
+        step.step(lr)                             # unscale, clip, update, adjust the scale, zero grads
+
+Gradients are clipped inside ``optimizer.step()`` by the optimizer's ``grad_clip``
+(``paddle.nn.ClipGradByGlobalNorm``, see optim.build_optimizer); ``GradScaler.step`` unscales them
+first, so the clip sees true gradients, and skips the update when they are not finite.
+"""
+import contextlib
+
+import paddle
+from paddle.base import unique_name
+
+__all__ = ["OptimizerStep"]
+
+
+class OptimizerStep:
+    """Backward and update for one optimizer and an optional ``paddle.amp.GradScaler``.
+
+    ``accum_steps`` micro-batches make one optimizer step; each backward adds
+    ``loss / accum_steps`` to the gradients, so the step sees the mean over the micro-batches.
+    """
+
+    def __init__(self, optimizer, scaler=None, accum_steps=1):
+        self.optimizer, self.scaler, self.accum_steps = optimizer, scaler, accum_steps
+        # Paddle names optimizer state "<param>_moment1_<n>" with a process-wide counter n; a private
+        # name generator keeps n = 0, so a checkpoint restores into any process
+        self._names = unique_name.UniqueNameGenerator()
+
+    def accumulating(self, model, update):
+        """Context for the forward and backward of one micro-batch: a DataParallel ``model`` skips the
+        gradient all-reduce unless ``update`` (the micro-batch that ends the step)."""
+        if update or not isinstance(model, paddle.DataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def backward(self, loss):
+        """Add the gradients of ``loss`` (a 0-d tensor: this micro-batch's mean loss)."""
+        if self.accum_steps > 1:
+            loss = loss / self.accum_steps
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def step(self, lr):
+        """Update the weights with learning rate ``lr`` and zero the gradients."""
+        self.optimizer.set_lr(lr)
+        with unique_name.guard(self._names):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.optimizer.clear_grad()

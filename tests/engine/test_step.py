@@ -1,0 +1,105 @@
+"""OptimizerStep: accumulation averages micro-batches, the lr is set, the loss scaler is used in
+order, DataParallel syncs only on the updating micro-batch, optimizer state names do not depend
+on how many optimizers the process made before."""
+import warnings
+
+import numpy as np
+import paddle
+
+from passl.engine.step import OptimizerStep
+
+
+def _linear(seed=0):
+    paddle.seed(seed)
+    return paddle.nn.Linear(3, 2)
+
+
+def _loss(model, x):
+    return model(x).pow(2).mean()
+
+
+def test_accumulated_gradients_are_the_mean_over_micro_batches():
+    x1, x2 = paddle.to_tensor(np.arange(6, dtype="float32").reshape(2, 3)), paddle.ones([2, 3])
+    model = _linear()
+    step = OptimizerStep(paddle.optimizer.SGD(learning_rate=1.0, parameters=model.parameters()), accum_steps=2)
+    step.backward(_loss(model, x1))
+    step.backward(_loss(model, x2))
+    reference = _linear()
+    ((_loss(reference, x1) + _loss(reference, x2)) / 2).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-6)
+
+
+def test_step_uses_the_given_lr_and_clears_gradients():
+    model = _linear()
+    before = model.weight.numpy().copy()
+    step = OptimizerStep(paddle.optimizer.SGD(learning_rate=1.0, parameters=model.parameters()))
+    step.backward(_loss(model, paddle.ones([2, 3])))
+    grad = model.weight.grad.numpy().copy()
+    step.step(0.25)
+    assert step.optimizer.get_lr() == 0.25
+    np.testing.assert_allclose(model.weight.numpy(), before - 0.25 * grad, rtol=1e-6)
+    assert model.weight.grad is None or not model.weight.grad.numpy().any()
+
+
+class RecordingScaler:
+    """Stands in for paddle.amp.GradScaler (which does nothing on the CPU): records the calls."""
+
+    def __init__(self, factor):
+        self.factor, self.calls = factor, []
+
+    def scale(self, loss):
+        self.calls.append(("scale", float(loss)))
+        return loss * self.factor
+
+    def step(self, optimizer):
+        self.calls.append(("step", optimizer))
+        for p in optimizer._parameter_list:       # unscale, as GradScaler does before the update
+            p.grad.set_value(p.grad / self.factor)
+        optimizer.step()
+
+    def update(self):
+        self.calls.append(("update",))
+
+
+def test_the_scaler_scales_the_accumulated_loss_then_steps_and_updates():
+    model = _linear()
+    optimizer = paddle.optimizer.SGD(learning_rate=1.0, parameters=model.parameters())
+    scaler = RecordingScaler(8.0)
+    step = OptimizerStep(optimizer, scaler, accum_steps=2)
+    loss = _loss(model, paddle.ones([2, 3]))
+    step.backward(loss)
+    assert scaler.calls == [("scale", float(loss) / 2)]
+    before = model.weight.numpy().copy()
+    reference = _linear()
+    (_loss(reference, paddle.ones([2, 3])) / 2).backward()
+    step.step(0.5)
+    assert [c[0] for c in scaler.calls] == ["scale", "step", "update"] and scaler.calls[1][1] is optimizer
+    np.testing.assert_allclose(model.weight.numpy(), before - 0.5 * reference.weight.grad.numpy(), rtol=1e-5)
+
+
+def test_optimizer_state_names_do_not_depend_on_earlier_optimizers():
+    model = _linear()
+    for _ in range(3):     # each optimizer that steps outside the guard advances Paddle's global counter
+        other = paddle.optimizer.AdamW(parameters=model.parameters())
+        _loss(model, paddle.ones([1, 3])).backward()
+        other.step()
+        other.clear_grad()
+    step = OptimizerStep(paddle.optimizer.AdamW(parameters=model.parameters()))
+    step.backward(_loss(model, paddle.ones([1, 3])))
+    step.step(1e-3)
+    moments = [k for k in step.optimizer.state_dict() if "moment1" in k]
+    assert moments and all(k.endswith("_moment1_0") for k in moments), moments
+
+
+def test_data_parallel_skips_the_gradient_sync_until_the_update():
+    model = _linear()
+    assert OptimizerStep(None).accumulating(model, update=False).__enter__() is None   # a plain model: no-op
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = paddle.DataParallel(model)
+    step = OptimizerStep(None, accum_steps=2)
+    with step.accumulating(wrapped, update=False):
+        assert wrapped.grad_need_sync is False
+    with step.accumulating(wrapped, update=True):
+        assert wrapped.grad_need_sync is True
