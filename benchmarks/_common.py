@@ -1,7 +1,8 @@
 """Shared helpers of the benchmark scripts: repo import, device choice, timing, memory, JSON output.
 
-Benchmarks print numbers (one JSON object on stdout), never assertions. Import this module before
-paddle: importing passl sets the CPU thread environment (OMP_NUM_THREADS, MKL_DEBUG_CPU_TYPE) first.
+Benchmarks print numbers (one JSON object on stdout), never assertions. Each script imports this
+module (it puts the repository first on sys.path), then calls
+``passl.utils.runtime.configure_process()`` before anything imports paddle, as tools/*.py do.
 """
 import json
 import os
@@ -15,9 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from passl.utils.cpu_threads import configure_cpu_runtime, configure_cpu_threads, cpu_model  # noqa: E402
-
-THREAD_ENV = configure_cpu_threads()   # before paddle is imported anywhere
+from passl.utils.cpu_threads import cpu_model  # noqa: E402
 
 __all__ = ["REPO", "select_device", "time_repeats", "summarize", "peak_rss_mb", "device_peak_mb",
            "reset_device_peak", "environment", "emit", "load_average", "add_common_args", "add_model_args", "resolve_model_cfg"]
@@ -65,16 +64,18 @@ def resolve_model_cfg(args, cfg=None):
 
 
 def select_device(name="auto"):
-    """Set paddle's device: 'auto' = the first GPU when paddle is compiled with CUDA, else cpu."""
+    """Set paddle's device as tools/train.py does (passl.utils.distributed.select_device, whose CPU
+    settings include the CPU fast paths): 'auto' = the first GPU when one is usable, else cpu;
+    'gpu:1' picks a GPU. Returns 'cpu' or 'gpu:N'."""
     import paddle
 
-    from passl.utils.distributed import cuda_available
-    if name == "auto":
-        name = "gpu:0" if cuda_available() else "cpu"
-    paddle.set_device(name)
-    if name == "cpu":
-        configure_cpu_runtime()   # the same CPU settings as tools/train.py
-    return name
+    from passl.utils.distributed import select_device as select_run_device
+    kind, _, index = name.partition(":")
+    if select_run_device(kind, log=None) == "cpu":
+        return "cpu"
+    if index:
+        paddle.set_device(name)
+    return paddle.device.get_device()
 
 
 def synchronize(device):

@@ -28,7 +28,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (sets the CPU thread environment before paddle)
+import _common  # noqa: E402  (puts the repository first on sys.path)
+from passl.utils.runtime import configure_process  # noqa: E402
+
+configure_process()
 
 import numpy as np  # noqa: E402
 

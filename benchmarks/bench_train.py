@@ -13,7 +13,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (sets the CPU thread environment before paddle)
+import _common  # noqa: E402  (puts the repository first on sys.path)
+from passl.utils.runtime import configure_process  # noqa: E402
+
+configure_process()
 
 import numpy as np  # noqa: E402
 
@@ -31,6 +34,9 @@ def build_parser():
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                    help="mixed precision: auto = the config's amp section (on for GPU), on, off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-fast-paths", choices=["on", "off"], default="on",
+                   help="on the CPU: the fast paths a CPU training run uses (passl/utils/cpu_fast.py), or the "
+                        "plain code a GPU runs")
     p.add_argument("--profile", action="store_true", help="print Paddle's operator profile to stderr")
     return _common.add_common_args(p)
 
@@ -77,7 +83,10 @@ def main(argv=None):
     from passl.engine.amp import resolve_amp
     from passl.engine.optim import build_optimizer
 
+    from passl.utils import cpu_fast
     device = _common.select_device(args.device)
+    if args.cpu_fast_paths == "off":
+        cpu_fast.disable_cpu_fast_paths()
     paddle.seed(args.seed)
     model = passl.build_model(model_cfg)
     model.train()
@@ -130,6 +139,7 @@ def main(argv=None):
         "step_ms": 1000 * timing["median_s"], "timing": timing, "warmup": args.warmup,
         "target_width": int(host["target_classes"].shape[1]), "loss": loss_value,
         "peak_rss_mb": _common.peak_rss_mb(), "gpu_max_allocated_mb": _common.device_peak_mb(device),
+        "cpu_fast_paths": cpu_fast.enabled_fast_paths(),
         "env": _common.environment(device),
     }
     print(f"{model_cfg['name']} batch {args.batch_size}: {result['images_per_s']:.1f} images/s "

@@ -1,18 +1,27 @@
-"""LV-ViT with Token Labeling on PaddlePaddle."""
-from passl.utils.cpu_threads import configure_cpu_threads
+"""LV-ViT with Token Labeling on PaddlePaddle.
 
-configure_cpu_threads()  # must precede the first `import paddle`
+Importing passl changes nothing in the process and does not import paddle: an entry point first
+calls ``passl.utils.runtime.configure_process()``. The registries below fill themselves on first use
+(passl/registry.py), and ``passl.models``, ``passl.data``, ... are imported when first named.
+"""
+import importlib
 
-from passl.utils.paddle_check import check_paddle  # noqa: E402
-
-check_paddle()
-
-from passl.registry import (DATASETS, LABEL_STORES, LOSSES, LR_SCHEDULES, MODELS,  # noqa: E402
+from passl.registry import (DATASETS, LABEL_STORES, LOSSES, LR_SCHEDULES, MODELS,  # noqa: F401
                             OPTIMIZERS, TRANSFORMS)
-from passl import models, losses, data, engine  # noqa: E402,F401  (fill the registries)
-from passl import annotate  # noqa: E402,F401  (registers the cnn_classifier annotator model)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """``passl.models`` and the other submodules, imported on first use."""
+    if name.startswith("__"):
+        raise AttributeError(f"module 'passl' has no attribute {name!r}")
+    try:
+        return importlib.import_module(f"passl.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"passl.{name}":
+            raise   # the submodule exists but something it imports does not
+        raise AttributeError(f"module 'passl' has no attribute {name!r}") from None
 
 
 def build_model(cfg, **extra):
@@ -21,4 +30,5 @@ def build_model(cfg, **extra):
 
 
 def build_loss(cfg, **extra):
+    """Build a loss from a ``{name: TokenLabelCrossEntropy, ...}`` dict (a YAML ``loss:`` section)."""
     return LOSSES.build(cfg, **extra)

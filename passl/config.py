@@ -19,7 +19,7 @@ from passl.errors import ConfigError
 from passl.registry import REGISTRIES, suggest
 from passl.utils.fileio import write_text
 
-__all__ = ["load_config", "apply_overrides", "validate", "dump_config", "get_by_path",
+__all__ = ["load_config", "apply_overrides", "validate", "dump_config",
            "DEFAULTS", "Choice", "Optional", "Built", "ListOf"]
 
 
@@ -213,13 +213,6 @@ def _split_path(dotted):
     return [int(p) if re.fullmatch(r"-?\d+", p) else p for p in dotted.split(".")]
 
 
-def get_by_path(cfg, dotted):
-    node = cfg
-    for part in _split_path(dotted):
-        node = node[part]
-    return node
-
-
 def apply_overrides(cfg, overrides, origins=None):
     """Apply ``["a.b.c=value", ...]`` to a copy of ``cfg``; values are parsed as YAML."""
     cfg = copy.deepcopy(cfg)
@@ -383,7 +376,6 @@ def _validate_built(value, spec, path, origins):
 def validate(cfg, origins=None):
     """Check ``cfg`` against ``DEFAULTS`` and the registries; return it with ints widened to floats
     where floats belong. Raises ConfigError naming the key, where it was set and what would fit."""
-    import passl  # noqa: F401  (registers models, losses, datasets, ... before checking names)
     return _validate(cfg, DEFAULTS, "", origins or {})
 
 

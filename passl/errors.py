@@ -15,3 +15,7 @@ class DataError(PasslError):
 
 class CheckpointError(PasslError):
     """A weight or checkpoint file does not fit the model (lists the keys)."""
+
+
+class ModelOutputError(PasslError, TypeError):
+    """A model's training output is not what the loss reads (passl.models.outputs.TokenLabelOutput)."""

@@ -1,11 +1,17 @@
-"""One Registry class: register callables by name, build them from ``{name: ..., **kwargs}`` dicts."""
+"""One Registry class: register callables by name, build them from ``{name: ..., **kwargs}`` dicts.
+
+The project's registries fill themselves on their first lookup by importing the packages that
+register into them (``fill_registries``), so that ``import passl`` imports neither those packages
+nor paddle and an entry point can set up the process first (passl/utils/runtime.py).
+"""
 import difflib
+import importlib
 import inspect
 
 from passl.errors import ConfigError
 
 __all__ = ["Registry", "MODELS", "LOSSES", "DATASETS", "LABEL_STORES", "TRANSFORMS",
-           "OPTIMIZERS", "LR_SCHEDULES", "REGISTRIES"]
+           "OPTIMIZERS", "LR_SCHEDULES", "REGISTRIES", "fill_registries"]
 
 
 def suggest(name, candidates, n=3):
@@ -15,20 +21,28 @@ def suggest(name, candidates, n=3):
 
 
 class Registry:
-    """A name -> callable table. ``@REG.register()`` or ``@REG.register("alias")``."""
+    """A name -> callable table. ``@REG.register()`` or ``@REG.register("alias")``.
 
-    def __init__(self, name):
+    fill: called before every lookup (not before ``register``), to import whatever registers here."""
+
+    def __init__(self, name, fill=None):
         self.name = name
         self._entries = {}
+        self._fill = fill
+
+    def _all(self):
+        if self._fill is not None:
+            self._fill()
+        return self._entries
 
     def __contains__(self, name):
-        return name in self._entries
+        return name in self._all()
 
     def __len__(self):
-        return len(self._entries)
+        return len(self._all())
 
     def names(self):
-        return sorted(self._entries)
+        return sorted(self._all())
 
     def register(self, name=None):
         def decorator(obj):
@@ -45,7 +59,7 @@ class Registry:
         return decorator
 
     def get(self, name):
-        if name not in self._entries:
+        if name not in self._all():
             listed = ", ".join(self.names()) or "(nothing registered)"
             raise ConfigError(
                 f"registry '{self.name}' has no entry '{name}'.{suggest(name, self._entries)} "
@@ -90,13 +104,31 @@ def _where(obj):
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
 
 
-MODELS = Registry("models")
-LOSSES = Registry("losses")
-DATASETS = Registry("datasets")
-LABEL_STORES = Registry("label_stores")
-TRANSFORMS = Registry("transforms")
-OPTIMIZERS = Registry("optimizers")
-LR_SCHEDULES = Registry("lr_schedules")
+# the packages whose import registers every model, loss, dataset, label store, transform, optimizer
+# and lr schedule (the cnn_classifier annotator model is in passl.annotate)
+PROVIDERS = ("passl.models", "passl.losses", "passl.data", "passl.engine", "passl.annotate")
+_filled = False
+
+
+def fill_registries():
+    """Import PROVIDERS once (and check the Paddle version first); later calls return at once."""
+    global _filled
+    if _filled:
+        return
+    _filled = True   # first: the imports below register, and may look up, re-entrantly
+    from passl.utils.paddle_check import check_paddle
+    check_paddle()
+    for module in PROVIDERS:
+        importlib.import_module(module)
+
+
+MODELS = Registry("models", fill_registries)
+LOSSES = Registry("losses", fill_registries)
+DATASETS = Registry("datasets", fill_registries)
+LABEL_STORES = Registry("label_stores", fill_registries)
+TRANSFORMS = Registry("transforms", fill_registries)
+OPTIMIZERS = Registry("optimizers", fill_registries)
+LR_SCHEDULES = Registry("lr_schedules", fill_registries)
 
 REGISTRIES = {r.name: r for r in (MODELS, LOSSES, DATASETS, LABEL_STORES, TRANSFORMS,
                                    OPTIMIZERS, LR_SCHEDULES)}

@@ -5,7 +5,6 @@ import textwrap
 import pytest
 import yaml
 
-import passl  # noqa: F401  (fills the registries)
 from passl.config import apply_overrides, dump_config, load_config
 from passl.errors import ConfigError
 from passl.registry import MODELS, TRANSFORMS

@@ -14,9 +14,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-from passl.utils.cpu_threads import configure_cpu_threads  # noqa: E402
+from passl.utils.runtime import configure_process  # noqa: E402
 
-configure_cpu_threads()
+configure_process()
 
 from passl.utils import cli  # noqa: E402
 
@@ -42,7 +42,6 @@ def main(argv=None):
         raise ConfigError("--dtype applies to --to packed; .npy files keep the dtype of the source maps")
     from passl.data.label_maps import pack_label_maps, write_npy_tree
     from passl.registry import LABEL_STORES
-    import passl  # noqa: F401  (fills the registries)
 
     store = LABEL_STORES.build({"name": args.src_format, "root": args.src, "coverage": args.coverage})
     if args.to == "npy":

@@ -16,10 +16,11 @@ import paddle
 import paddle.nn as nn
 
 from passl.errors import CheckpointError, ConfigError
+from passl.models.outputs import TokenLabelOutput
 from passl.registry import MODELS
 
 __all__ = ["SmallCNN", "CNNClassifier", "build_cnn", "CNNAnnotator", "LVViTAnnotator", "load_cnn_weights",
-           "build_cnn_annotator", "build_lvvit_annotator", "CNN_ARCHS"]
+           "build_cnn_annotator", "build_lvvit_annotator"]
 
 
 def _conv_bn_relu(in_chans, out_chans, stride):
@@ -52,9 +53,6 @@ def _vision_archs():
     return sorted(name for name in dir(models) if name[0].islower() and callable(getattr(models, name)))
 
 
-CNN_ARCHS = ("small_cnn",)   # plus every lower-case factory of paddle.vision.models (resnet18, ...)
-
-
 def build_cnn(arch="small_cnn", num_classes=1000, width=16):
     """A randomly initialised CNN classifier: ``small_cnn`` (of ``width``) or a ``paddle.vision.models``
     factory name such as ``resnet18`` (never downloads weights). Returns a Layer: [B, 3, H, W] -> [B, C]."""
@@ -72,19 +70,33 @@ def build_cnn(arch="small_cnn", num_classes=1000, width=16):
 class CNNClassifier(nn.Layer):
     """A CNN annotator as a trainable model: ``net`` = build_cnn(arch, num_classes, width).
 
-    forward: images [B, 3, H, W] -> logits [B, num_classes] in train and eval mode (the Trainer's
-    loss then uses the image label only). ``grid_size`` (1, 1): one target per image. ``img_size`` None:
-    it takes any input size, so its transforms state their sizes.
+    forward: images [B, 3, H, W] -> ``TokenLabelOutput(logits [B, num_classes])`` in training mode (no
+    aux logits: the Trainer's loss uses the class target only), the logits in eval mode. ``grid_size``
+    (1, 1): one target per image. ``img_size`` None: it takes any input size, so its transforms state
+    their sizes.
     """
 
     def __init__(self, arch: str = "small_cnn", num_classes: int = 1000, width: int = 16):
         super().__init__()
         self.arch, self.num_classes, self.grid_size, self.img_size = arch, num_classes, (1, 1), None
+        self.num_tokens = 1
         self.net = build_cnn(arch, num_classes, width)
 
+    def no_weight_decay(self):
+        return set()   # the optimizer already spares 1-D parameters (biases, norms)
+
+    def reset_heads(self):
+        """Re-initialise the classifier (the last Linear layer) as Paddle initialises a new one."""
+        classifier = [layer for layer in self.net.sublayers() if isinstance(layer, nn.Linear)][-1]
+        fresh = nn.Linear(*classifier.weight.shape)
+        classifier.weight.set_value(fresh.weight)
+        if classifier.bias is not None:
+            classifier.bias.set_value(fresh.bias)
+
     def forward(self, images):
-        """images [B, 3, H, W] -> logits [B, num_classes]"""
-        return self.net(images)
+        """images [B, 3, H, W] -> TokenLabelOutput(logits [B, num_classes]) in training, else the logits"""
+        logits = self.net(images)
+        return TokenLabelOutput(logits) if self.training else logits
 
 
 class _Captured(Exception):

@@ -143,7 +143,7 @@ def detect_variant(state_dict):
         stem, patch = "patch16", _to_numpy(sd["patch_embed.proj.weight"]).shape[-1]
     side = grid_of(pos_shape[1] - 1)[0]
     name = next((n for n, v in VARIANTS.items()
-                 if (v["embed_dim"], v["depth"], v["stem"]) == (dim, depth, stem)), None)
+                 if (v.arch["embed_dim"], v.arch["depth"], v.arch["stem"]) == (dim, depth, stem)), None)
     return name, side * patch
 
 

@@ -16,8 +16,7 @@ import paddle.nn as nn
 from paddle.nn.initializer import Constant, TruncatedNormal, Uniform
 
 from passl.errors import CheckpointError, ConfigError
-from passl.models.cpu_ops import Linear
-from passl.models.lvvit import Attention, DropPath, Mlp, box_mask, draw_mix_box, reverse_batch
+from passl.models.lvvit import Attention, DropPath, Mlp, box_mask, draw_mix_box
 from passl.models.outputs import TokenLabelOutput
 from passl.models.pos_embed import pos_embed_grid
 from passl.registry import MODELS
@@ -110,8 +109,8 @@ class VisionTransformer(nn.Layer):
 
     @staticmethod
     def _linear(in_features, out_features):
-        return Linear(in_features, out_features, weight_attr=paddle.ParamAttr(initializer=_trunc_normal),
-                      bias_attr=paddle.ParamAttr(initializer=Constant(0.0)))
+        return nn.Linear(in_features, out_features, weight_attr=paddle.ParamAttr(initializer=_trunc_normal),
+                         bias_attr=paddle.ParamAttr(initializer=Constant(0.0)))
 
     def no_weight_decay(self):
         """Names of parameters that take no weight decay (1-D params are excluded by the optimizer)."""
@@ -169,7 +168,7 @@ class VisionTransformer(nn.Layer):
         if mixing:
             box = draw_mix_box(*self.grid_size)
             mask = box_mask(box, *self.grid_size)               # [h, w]
-            x = paddle.where(mask.unsqueeze(0).unsqueeze(0), reverse_batch(x), x)
+            x = paddle.where(mask.unsqueeze(0).unsqueeze(0), x[::-1], x)
         x = self.forward_tokens(x)
         cls_logits = self.head(x[:, 0])                         # [B, C]
         if not self.return_dense:
@@ -179,7 +178,7 @@ class VisionTransformer(nn.Layer):
             return cls_logits + self.aux_weight * aux_logits.max(axis=1)
         if mixing:  # undo the mix so aux row i lines up with image i everywhere
             grid = aux_logits.reshape([0, self.grid_size[0], self.grid_size[1], self.num_classes])
-            grid = paddle.where(mask.unsqueeze(0).unsqueeze(-1), reverse_batch(grid), grid)
+            grid = paddle.where(mask.unsqueeze(0).unsqueeze(-1), grid[::-1], grid)
             aux_logits = grid.reshape([0, self.num_tokens, self.num_classes])
         return TokenLabelOutput(cls_logits, aux_logits, box)
 

@@ -15,8 +15,7 @@ import paddle.nn.functional as F
 from paddle.nn.initializer import Constant, TruncatedNormal, Uniform
 
 from passl.errors import ConfigError
-from passl.models.cpu_ops import Linear
-from passl.models.lvvit import Block, ConvStem, DropPath, Mlp, box_mask, draw_mix_box, reverse_batch
+from passl.models.lvvit import Block, ConvStem, DropPath, Mlp, box_mask, draw_mix_box
 from passl.models.outputs import TokenLabelOutput
 from passl.registry import MODELS
 
@@ -32,8 +31,8 @@ _trunc_normal = TruncatedNormal(mean=0.0, std=0.02, a=-2.0, b=2.0)
 
 def _linear(in_features, out_features, bias=True):
     """The release's Linear init: trunc normal .02 weight, zero bias."""
-    return Linear(in_features, out_features, weight_attr=paddle.ParamAttr(initializer=_trunc_normal),
-                  bias_attr=paddle.ParamAttr(initializer=Constant(0.0)) if bias else False)
+    return nn.Linear(in_features, out_features, weight_attr=paddle.ParamAttr(initializer=_trunc_normal),
+                     bias_attr=paddle.ParamAttr(initializer=Constant(0.0)) if bias else False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +369,7 @@ class VOLO(nn.Layer):
         if mixing:
             box = draw_mix_box(*self.grid_size)                        # on the token grid
             fine = box_mask(box * POOLING_SCALE, x.shape[1], x.shape[2])
-            x = paddle.where(fine.unsqueeze(0).unsqueeze(-1), reverse_batch(x), x)
+            x = paddle.where(fine.unsqueeze(0).unsqueeze(-1), x[::-1], x)
         x = self.forward_tokens(x)
         cls_logits = self.head(x[:, 0])                                # [B, C]
         if not self.return_dense:
@@ -381,7 +380,7 @@ class VOLO(nn.Layer):
         if mixing:  # undo the mix on the token grid, so aux row i lines up with image i everywhere
             grid = aux_logits.reshape([0, self.grid_size[0], self.grid_size[1], self.num_classes])
             mask = box_mask(box, *self.grid_size)
-            grid = paddle.where(mask.unsqueeze(0).unsqueeze(-1), reverse_batch(grid), grid)
+            grid = paddle.where(mask.unsqueeze(0).unsqueeze(-1), grid[::-1], grid)
             aux_logits = grid.reshape([0, self.num_tokens, self.num_classes])
         return TokenLabelOutput(cls_logits, aux_logits, box)
 

@@ -1,5 +1,6 @@
-"""CPU settings: the math-library environment set before paddle is imported (configure_cpu_threads)
-and the runtime settings made once it is (configure_cpu_runtime).
+"""CPU settings: the math-library environment set before paddle is imported (configure_cpu_threads,
+called by passl.utils.runtime.configure_process) and the runtime settings made once the run is known
+to be on the CPU (configure_cpu_runtime, called by passl.utils.distributed.select_device).
 
 Paddle's CPU build runs matrix products on one thread unless OMP_NUM_THREADS says otherwise, and
 its bundled MKL takes a slow generic code path on AMD processors unless MKL_DEBUG_CPU_TYPE names the
@@ -12,7 +13,6 @@ are kept.
 """
 import os
 import platform
-import sys
 
 
 def available_cores():
@@ -86,10 +86,6 @@ def configure_cpu_threads(environ=None):
     return applied
 
 
-def paddle_already_imported():
-    return "paddle" in sys.modules
-
-
 STRIDE_FLAG = "FLAGS_use_stride_kernel"
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -102,8 +98,10 @@ def configure_cpu_runtime(environ=None):
       slow strided path: one attention layer took 128 ms forward+backward instead of 48 ms
       (benchmarks/README.md). Contiguous copies are what Paddle did before views existed.
     - glibc keeps freed memory for reuse (see keep_freed_memory).
+    - the CPU fast paths of passl/utils/cpu_fast.py are switched on, unless PASSL_CPU_FAST_PATHS=0.
     Returns the names of what it changed.
     """
+    from passl.utils import cpu_fast
     environ = os.environ if environ is None else environ
     changed = []
     if STRIDE_FLAG not in environ:
@@ -112,6 +110,8 @@ def configure_cpu_runtime(environ=None):
         changed.append(STRIDE_FLAG)
     if not any(key in environ for key in MALLOC_ENV) and keep_freed_memory():
         changed.append("malloc")
+    if cpu_fast.fast_paths_wanted(environ):
+        changed += cpu_fast.enable_cpu_fast_paths()
     return changed
 
 

@@ -1,4 +1,4 @@
-"""Import Paddle once, quietly, and fail early with the fix when it is missing or too old."""
+"""Fail early, with the fix, when Paddle is missing or too old; import it without its start-up noise."""
 import contextlib
 import io
 import sys
@@ -8,7 +8,8 @@ from passl.errors import PasslError
 
 MIN_PADDLE = (3, 0)
 # Paddle prints these at import; the first is advice for data-parallel CPU jobs that does not apply
-# to us (we set OMP_NUM_THREADS on purpose), the second concerns compiling custom C++ operators.
+# to us (configure_process sets OMP_NUM_THREADS on purpose), the second concerns compiling custom
+# C++ operators.
 _IMPORT_NOISE = ("OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
 
 
@@ -28,18 +29,31 @@ class _FilteredStream(io.TextIOBase):
         self._stream.flush()
 
 
+def _missing():
+    return PasslError("PaddlePaddle is not installed. Install it first: `pip install paddlepaddle` for the CPU, "
+                      "or paddlepaddle-gpu as https://www.paddlepaddle.org.cn/install shows for your CUDA.")
+
+
+def import_paddle_quietly():
+    """Import paddle with its import-time notices filtered from stderr (entry points only: this swaps
+    sys.stderr while paddle loads). PasslError when paddle is not installed."""
+    if "paddle" in sys.modules:
+        return
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(_FilteredStream(sys.stderr)):
+            warnings.filterwarnings("ignore", message="No ccache found")
+            import paddle  # noqa: F401
+    except ImportError:
+        raise _missing() from None
+
+
 def check_paddle():
-    """Import paddle (without its import-time noise) and check the version; return the version."""
-    if "paddle" not in sys.modules:
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stderr(_FilteredStream(sys.stderr)):
-                warnings.filterwarnings("ignore", message="No ccache found")
-                import paddle  # noqa: F401
-        except ImportError:
-            raise PasslError(
-                "PaddlePaddle is not installed. Install it first: `pip install paddlepaddle` for the CPU, "
-                "or paddlepaddle-gpu as https://www.paddlepaddle.org.cn/install shows for your CUDA.") from None
-    import paddle
+    """Return paddle's version; PasslError when paddle is missing or older than MIN_PADDLE.
+    Changes nothing in the process besides importing paddle."""
+    try:
+        import paddle
+    except ImportError:
+        raise _missing() from None
     version = paddle.__version__
     major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if version != "0.0.0" and major_minor < MIN_PADDLE:  # 0.0.0: a develop build

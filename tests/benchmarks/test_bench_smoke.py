@@ -86,3 +86,16 @@ def test_bench_data_tiny(tmp_path):
     assert by_key["image"] == 3 * 32 * 32 and by_key["erase_boxes"] == 4 * 4
     assert by_key["token_bg"] == 4 * 4 and by_key["token_probs"] % (4 * 4) == 0
     assert result["bytes_per_sample"] == pytest.approx(sum(by_key.values()))
+
+
+def test_bench_cpu_fast_tiny(tmp_path):
+    result = run_script("bench_cpu_fast.py", *TINY_MODEL, "--batch-size", "2", "--rounds", "2", "--repeats", "1",
+                        tmp_path=tmp_path)
+    assert result["benchmark"] == "cpu_fast" and result["env"]["device"] == "cpu"
+    rows = result["rows"]
+    assert {"normalize", "reverse_batch_stem", "reverse_batch_aux", "dense_loss", "train_step"} <= set(rows)
+    assert any(name.startswith("linear_32x96") for name in rows)
+    for row in rows.values():
+        assert positive(row["plain"]["cpu_ms"]) and positive(row["fast"]["wall_ms"]) and row["plain"]["calls"] >= 2
+    dense = rows["dense_loss"]
+    assert dense["plain"]["loss"] == pytest.approx(dense["fast"]["loss"], rel=1e-5) and dense["max_abs_grad_diff"] < 1e-5

@@ -151,8 +151,10 @@ def test_paddle_dataloader_with_workers_gives_numpy_batches(tmp_path):
     loader = paddle.io.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_fn, return_list=True)
     batch = list(loader)[0]   # run the epoch out, so that the workers exit before the test ends
     assert batch["image"].shape == [4, 3, 32, 32] and batch["token_probs"].shape[:2] == [4, 4]
+    from passl.models.outputs import TokenLabelOutput
     loss = passl.build_loss({"name": "TokenLabelCrossEntropy"})(
-        (paddle.randn([4, 3]), paddle.randn([4, 4, 3]), paddle.to_tensor([0, 0, 1, 1], dtype="int64")), batch)
+        TokenLabelOutput(paddle.randn([4, 3]), paddle.randn([4, 4, 3]), paddle.to_tensor([0, 0, 1, 1], dtype="int64")),
+        batch)
     assert np.isfinite(float(loss["loss"]))
 
 

@@ -1,7 +1,6 @@
 """The transform list of a split: sizes from the model's img_size unless stated, and the device stage."""
 import pytest
 
-import passl  # noqa: F401  (registers the transforms)
 from passl.data.pipeline import build_transforms, resolve_transforms, split_device_stage
 from passl.data.transforms import CenterCrop, Normalize, RandomErasing, RandomHorizontalFlip, ResizeShorter
 from passl.errors import ConfigError

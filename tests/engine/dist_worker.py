@@ -7,9 +7,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from passl.utils.cpu_threads import configure_cpu_threads  # noqa: E402
+from passl.utils.runtime import configure_process  # noqa: E402
 
-configure_cpu_threads()
+configure_process()
 
 import numpy as np  # noqa: E402
 

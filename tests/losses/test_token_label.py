@@ -4,7 +4,9 @@ import paddle
 import pytest
 
 import passl
+from passl.errors import ModelOutputError
 from passl.losses.token_label import class_target
+from passl.models.outputs import TokenLabelOutput
 
 B, N, C, S = 4, 6, 11, 0.1
 
@@ -63,8 +65,8 @@ def to_paddle(fields):
 def outputs(rng, box=None):
     cls = rng.normal(0, 3, (B, C)).astype(np.float32)
     aux = rng.normal(0, 3, (B, N, C)).astype(np.float32)
-    tensors = (paddle.to_tensor(cls, stop_gradient=False), paddle.to_tensor(aux, stop_gradient=False),
-               None if box is None else paddle.to_tensor(np.array(box), dtype="int64"))
+    tensors = TokenLabelOutput(paddle.to_tensor(cls, stop_gradient=False), paddle.to_tensor(aux, stop_gradient=False),
+                               None if box is None else paddle.to_tensor(np.array(box), dtype="int64"))
     return cls, aux, tensors
 
 
@@ -102,7 +104,8 @@ def test_equals_soft_target_ce_when_tokens_share_the_cls_target():
     t_cls = np.stack([dense(fields, b, "cls_probs", "cls_bg") for b in range(B)]) * (1 - S) + S / C
     soft_ce = -(np.repeat(t_cls, N, axis=0) * log_softmax(aux.reshape(B * N, C))).sum(-1).mean()
     assert float(got["loss"]) == pytest.approx(soft_ce, rel=1e-5)
-    soft = passl.build_loss({"name": "SoftTargetCrossEntropy"})(paddle.to_tensor(cls), to_paddle(fields))
+    soft = passl.build_loss({"name": "SoftTargetCrossEntropy"})(TokenLabelOutput(paddle.to_tensor(cls)),
+                                                                to_paddle(fields))
     assert float(soft["loss"]) == pytest.approx(-(t_cls * log_softmax(cls)).sum(-1).mean(), rel=1e-5)
 
 
@@ -167,9 +170,31 @@ def test_cls_only_output_and_float16_logits():
     fields = random_compact(rng)
     cls, aux, out = outputs(rng)
     loss_fn = passl.build_loss({"name": "TokenLabelCrossEntropy"})
-    only_cls = loss_fn(out[0], to_paddle(fields))
+    only_cls = loss_fn(TokenLabelOutput(out.cls_logits), to_paddle(fields))
     _, want_cls, _ = reference_loss(cls, aux, fields)
     assert float(only_cls["loss"]) == pytest.approx(want_cls, rel=1e-5)
-    half = loss_fn((out[0].astype("float16"), out[1].astype("float16"), None), to_paddle(fields))
+    half = loss_fn(TokenLabelOutput(out.cls_logits.astype("float16"), out.aux_logits.astype("float16")),
+                   to_paddle(fields))
     assert float(half["loss"]) == pytest.approx(reference_loss(cls, aux, fields)[0], rel=2e-3)
     assert half["loss"].dtype == paddle.float32
+
+
+@pytest.mark.parametrize("name", ["TokenLabelCrossEntropy", "SoftTargetCrossEntropy"])
+def test_other_outputs_are_refused_with_what_the_model_must_return(name):
+    rng = np.random.default_rng(8)
+    fields = to_paddle(random_compact(rng))
+    _, _, out = outputs(rng)
+    loss_fn = passl.build_loss({"name": name})
+    for wrong in (tuple(out), out.cls_logits, [out.cls_logits, out.aux_logits]):
+        with pytest.raises(ModelOutputError, match="must return TokenLabelOutput") as err:
+            loss_fn(wrong, fields)
+        assert isinstance(err.value, TypeError)
+
+
+def test_a_box_without_aux_logits_is_refused():
+    """The cls target's mix weight is the box's share of the aux token grid: a box alone cannot be used."""
+    rng = np.random.default_rng(9)
+    _, _, out = outputs(rng, [1, 0, 3, 3])
+    with pytest.raises(ModelOutputError, match="mix_box without aux_logits"):
+        passl.build_loss({"name": "TokenLabelCrossEntropy"})(TokenLabelOutput(out.cls_logits, mix_box=out.mix_box),
+                                                             to_paddle(random_compact(rng)))

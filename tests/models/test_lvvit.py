@@ -6,7 +6,8 @@ import pytest
 
 import passl
 from passl.errors import ConfigError
-from passl.models.lvvit import LVViT, box_mask, draw_mix_box
+from passl.models.lvvit import LVViT, box_mask, draw_mix_box, mix_tokens
+from passl.models.outputs import TokenLabelOutput
 from lvvit_reference import reference_box_area_mean
 
 TINY = dict(img_size=64, embed_dim=32, depth=2, num_heads=2, num_classes=10)
@@ -145,13 +146,52 @@ def test_outputs_without_dense_or_mix():
     model = tiny(return_dense=False)
     model.train()
     out = model(x)
-    assert isinstance(out, paddle.Tensor) and out.shape == [2, 10]
+    assert isinstance(out, TokenLabelOutput) and out.cls_logits.shape == [2, 10]
+    assert out.aux_logits is None and out.mix_box is None        # class token only: no MixToken
     model.eval()
-    assert model(x).shape == [2, 10]
+    assert isinstance(model(x), paddle.Tensor) and model(x).shape == [2, 10]
     model = tiny(mix_token=False)
     model.train()
     cls, aux, box = model(x)
     assert box is None and cls.shape == [2, 10] and aux.shape == [2, 16, 10]
+
+
+def test_training_output_is_a_token_label_output_and_eval_output_logits():
+    model = tiny()
+    model.train()
+    out = model(images(2))
+    assert isinstance(out, TokenLabelOutput)
+    assert out.cls_logits.shape == [2, 10] and out.aux_logits.shape == [2, 16, 10]
+    assert out.mix_box.dtype == paddle.int64 and out.mix_box.shape == [4]
+    model.eval()
+    with paddle.no_grad():
+        assert isinstance(model(images(2)), paddle.Tensor)
+
+
+def test_forward_reads_as_features_then_heads():
+    model = tiny()
+    model.eval()
+    x = images(3)
+    with paddle.no_grad():
+        features = model.forward_features(x)
+        cls, aux = model.forward_head(features)
+        out = model(x)
+    assert features.shape == [3, 17, 32] and cls.shape == [3, 10] and aux.shape == [3, 16, 10]
+    np.testing.assert_allclose(out.numpy(), (cls + 0.5 * aux.max(axis=1)).numpy(), rtol=1e-6, atol=1e-6)
+    model = tiny(return_dense=False)
+    model.eval()
+    with paddle.no_grad():
+        assert model.forward_head(model.forward_features(x))[1] is None
+
+
+def test_mix_tokens_swaps_batch_rows_inside_the_mask_and_undoes_itself():
+    x = paddle.arange(4 * 2 * 3, dtype="float32").reshape([4, 2, 3])
+    mask = paddle.to_tensor([[False, True, False], [False, True, True]])
+    mixed = mix_tokens(x, mask).numpy()
+    want = x.numpy().copy()
+    want[:, mask.numpy()] = x.numpy()[::-1][:, mask.numpy()]
+    np.testing.assert_array_equal(mixed, want)
+    np.testing.assert_array_equal(mix_tokens(paddle.to_tensor(mixed), mask).numpy(), x.numpy())
 
 
 def test_dense_maps_are_patch_tokens_in_row_major_grid():
@@ -222,3 +262,53 @@ def test_factories_build_from_config_dicts():
         passl.build_model({"name": "lvvit_t", "img_sizee": 96})
     tiny_cfg = passl.build_model({"name": "LVViT", **TINY, "stem": "patch16"})
     assert tiny_cfg.num_tokens == 16
+
+
+def test_variant_signature_shows_its_defaults_and_not_its_architecture():
+    import inspect
+    params = inspect.signature(passl.MODELS.get("lvvit_m")).parameters
+    assert params["drop_path_rate"].default == 0.2 and params["img_size"].default == 224
+    assert inspect.signature(passl.MODELS.get("lvvit_l")).parameters["img_size"].default == 448
+    assert {"num_classes", "in_chans", "drop_rate", "attn_drop_rate", "mix_token", "return_dense",
+            "aux_weight"} <= set(params)
+    assert not {"embed_dim", "depth", "num_heads", "stem", "skip_lam", "patch_size"} & set(params)
+    with pytest.raises(TypeError, match="depth"):
+        passl.MODELS.get("lvvit_t")(depth=2)
+
+
+def test_variants_are_rows_of_data_and_carry_their_eval_preprocessing():
+    from passl.models.lvvit import VARIANTS
+    assert set(VARIANTS) == {"lvvit_t", "lvvit_s", "lvvit_m", "lvvit_l"}
+    assert VARIANTS["lvvit_s"].arch == dict(embed_dim=384, depth=16, num_heads=6, stem="pe4_2", skip_lam=2.0)
+    assert VARIANTS["lvvit_m"].eval_cfg(224)["crop_pct"] == 1.0 and VARIANTS["lvvit_s"].eval_cfg(384)["crop_pct"] == 1.0
+    tiny_224 = passl.build_model({"name": "lvvit_t", "num_classes": 3})
+    assert len(tiny_224.blocks) == 12 and tiny_224.embed_dim == 240 and tiny_224.blocks[0].attn.num_heads == 4
+    assert tiny_224.eval_cfg == dict(crop_pct=0.9, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+                                     std=(0.229, 0.224, 0.225))
+    assert passl.build_model({"name": "lvvit_t", "img_size": 384, "num_classes": 3}).eval_cfg["crop_pct"] == 1.0
+
+
+def test_reset_heads_reinitialises_both_heads():
+    model = tiny()
+    for layer in (model.head, model.aux_head):
+        layer.bias.set_value(paddle.ones_like(layer.bias))
+    before = model.head.weight.numpy().copy()
+    model.reset_heads()
+    assert not np.any(model.head.bias.numpy()) and not np.any(model.aux_head.bias.numpy())
+    assert not np.allclose(model.head.weight.numpy(), before)
+    assert abs(model.head.weight.numpy().std() - 0.02) < 0.01
+
+
+def test_config_keys_of_a_variant_are_its_signature(tmp_path):
+    from passl.config import load_config
+    path = tmp_path / "v.yaml"
+    path.write_text("model: {name: lvvit_s, img_size: 384}\n")
+    cfg = load_config(str(path), ["model.drop_path_rate=0", "model.num_classes=10"])
+    assert cfg["model"] == {"name": "lvvit_s", "img_size": 384, "drop_path_rate": 0.0, "num_classes": 10}
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), ["model.depth=2"])           # the architecture comes with the name
+    assert "unknown key 'model.depth'" in str(err.value) and "drop_path_rate" in str(err.value)
+    with pytest.raises(ConfigError, match="Did you mean: drop_path_rate"):
+        load_config(str(path), ["model.drop_pth_rate=0.1"])
+    cfg = load_config(str(path), ["model.name=LVViT", "model.depth=2"])   # LVViT takes every keyword
+    assert cfg["model"]["depth"] == 2
