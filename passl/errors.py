@@ -15,3 +15,8 @@ class DataError(PasslError):
 
 class CheckpointError(PasslError):
     """A weight or checkpoint file does not fit the model (lists the keys)."""
+
+
+class WriteError(PasslError):
+    """A file could not be written (disk full, file size limit, read-only folder, a folder in use by
+    another run): names the file or folder, what happened and what to do."""

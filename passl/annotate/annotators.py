@@ -16,6 +16,7 @@ import paddle
 import paddle.nn as nn
 
 from passl.errors import CheckpointError, ConfigError
+from passl.ranges import PositiveInt
 from passl.registry import MODELS
 
 __all__ = ["SmallCNN", "CNNClassifier", "build_cnn", "CNNAnnotator", "LVViTAnnotator", "load_cnn_weights",
@@ -77,7 +78,7 @@ class CNNClassifier(nn.Layer):
     it takes any input size, so its transforms state their sizes.
     """
 
-    def __init__(self, arch: str = "small_cnn", num_classes: int = 1000, width: int = 16):
+    def __init__(self, arch: str = "small_cnn", num_classes: PositiveInt = 1000, width: PositiveInt = 16):
         super().__init__()
         self.arch, self.num_classes, self.grid_size, self.img_size = arch, num_classes, (1, 1), None
         self.net = build_cnn(arch, num_classes, width)

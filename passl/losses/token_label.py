@@ -16,10 +16,14 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from passl.ranges import NonNegativeFloat, ranged
 from passl.registry import LOSSES
 
 __all__ = ["TokenLabelCrossEntropy", "SoftTargetCrossEntropy", "class_target", "mix_class_target",
            "dense_token_loss", "soft_cross_entropy"]
+
+
+Smoothing = ranged(float, 0, 1, high_open=True)   # s = 1 would make every target uniform
 
 
 def _split_outputs(outputs):
@@ -137,8 +141,8 @@ class TokenLabelCrossEntropy(paddle.nn.Layer):
     ground_truth: blend the cls target with the image label (reference flag, off by default).
     """
 
-    def __init__(self, cls_weight: float = 1.0, dense_weight: float = 1.0, smoothing: float = 0.1,
-                 ground_truth: bool = False):
+    def __init__(self, cls_weight: NonNegativeFloat = 1.0, dense_weight: NonNegativeFloat = 1.0,
+                 smoothing: Smoothing = 0.1, ground_truth: bool = False):
         super().__init__()
         self.cls_weight, self.dense_weight = cls_weight, dense_weight
         self.smoothing, self.ground_truth = smoothing, ground_truth
@@ -167,7 +171,7 @@ class SoftTargetCrossEntropy(paddle.nn.Layer):
     or the smoothed one-hot label), mixed for MixToken when the output carries a box.
     Returns {"loss", "loss_cls"}."""
 
-    def __init__(self, smoothing: float = 0.1):
+    def __init__(self, smoothing: Smoothing = 0.1):
         super().__init__()
         self.smoothing = smoothing
 

@@ -14,6 +14,7 @@ from paddle.nn.initializer import Constant, TruncatedNormal, Uniform
 
 from passl.errors import ConfigError
 from passl.models.cpu_ops import Linear
+from passl.ranges import DropRate, NonNegativeFloat, PositiveFloat, PositiveInt
 from passl.registry import MODELS
 
 __all__ = ["LVViT", "ConvStem", "PatchConv", "Attention", "Mlp", "Block", "DropPath", "VARIANTS",
@@ -227,10 +228,12 @@ class LVViT(nn.Layer):
       - eval: ``cls + aux_weight * max over tokens of aux`` [B, C] (return_dense), else ``cls``.
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384,
-                 depth=16, num_heads=6, mlp_ratio=3.0, qkv_bias=False, drop_rate=0.0, attn_drop_rate=0.0,
-                 drop_path_rate=0.0, stem="pe4_2", skip_lam=1.0, mix_token=True, return_dense=True,
-                 aux_weight=0.5):
+    def __init__(self, img_size: PositiveInt = 224, patch_size: PositiveInt = 16, in_chans: PositiveInt = 3,
+                 num_classes: PositiveInt = 1000, embed_dim: PositiveInt = 384, depth: PositiveInt = 16,
+                 num_heads: PositiveInt = 6, mlp_ratio: PositiveFloat = 3.0, qkv_bias: bool = False,
+                 drop_rate: DropRate = 0.0, attn_drop_rate: DropRate = 0.0, drop_path_rate: DropRate = 0.0,
+                 stem: str = "pe4_2", skip_lam: PositiveFloat = 1.0, mix_token: bool = True, return_dense: bool = True,
+                 aux_weight: NonNegativeFloat = 0.5):
         super().__init__()
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if stem not in STEMS:
@@ -364,33 +367,33 @@ MODELS.register("LVViT")(LVViT)
 
 
 @MODELS.register()
-def lvvit_t(img_size: int = 224, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, mix_token: bool = True,
-            return_dense: bool = True, aux_weight: float = 0.5):
+def lvvit_t(img_size: PositiveInt = 224, num_classes: PositiveInt = 1000, in_chans: PositiveInt = 3,
+            drop_rate: DropRate = 0.0, attn_drop_rate: DropRate = 0.0, drop_path_rate: DropRate = 0.1,
+            mix_token: bool = True, return_dense: bool = True, aux_weight: NonNegativeFloat = 0.5):
     """LV-ViT-T: dim 240, depth 12, 4 heads, 8.53M params at 224."""
     return _build("lvvit_t", **locals())  # the arguments, as overrides
 
 
 @MODELS.register()
-def lvvit_s(img_size: int = 224, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, mix_token: bool = True,
-            return_dense: bool = True, aux_weight: float = 0.5):
+def lvvit_s(img_size: PositiveInt = 224, num_classes: PositiveInt = 1000, in_chans: PositiveInt = 3,
+            drop_rate: DropRate = 0.0, attn_drop_rate: DropRate = 0.0, drop_path_rate: DropRate = 0.1,
+            mix_token: bool = True, return_dense: bool = True, aux_weight: NonNegativeFloat = 0.5):
     """LV-ViT-S: dim 384, depth 16, 6 heads, skip_lam 2, 26.2M params at 224."""
     return _build("lvvit_s", **locals())  # the arguments, as overrides
 
 
 @MODELS.register()
-def lvvit_m(img_size: int = 224, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0, drop_path_rate: float = 0.2, mix_token: bool = True,
-            return_dense: bool = True, aux_weight: float = 0.5):
+def lvvit_m(img_size: PositiveInt = 224, num_classes: PositiveInt = 1000, in_chans: PositiveInt = 3,
+            drop_rate: DropRate = 0.0, attn_drop_rate: DropRate = 0.0, drop_path_rate: DropRate = 0.2,
+            mix_token: bool = True, return_dense: bool = True, aux_weight: NonNegativeFloat = 0.5):
     """LV-ViT-M: dim 512, depth 20, 8 heads, skip_lam 2, 55.8M params at 224."""
     return _build("lvvit_m", **locals())  # the arguments, as overrides
 
 
 @MODELS.register()
-def lvvit_l(img_size: int = 448, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0, drop_path_rate: float = 0.3, mix_token: bool = True,
-            return_dense: bool = True, aux_weight: float = 0.5):
+def lvvit_l(img_size: PositiveInt = 448, num_classes: PositiveInt = 1000, in_chans: PositiveInt = 3,
+            drop_rate: DropRate = 0.0, attn_drop_rate: DropRate = 0.0, drop_path_rate: DropRate = 0.3,
+            mix_token: bool = True, return_dense: bool = True, aux_weight: NonNegativeFloat = 0.5):
     """LV-ViT-L: dim 768, depth 24, 12 heads, 128-wide stem, skip_lam 3, 150.5M params at 448
     (its published weights are 448 and 512, hence the default img_size)."""
     return _build("lvvit_l", **locals())  # the arguments, as overrides
