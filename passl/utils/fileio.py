@@ -70,14 +70,12 @@ def write_error(error, path, needed=None):
                           "process); choose another output folder")
     if code == errno.EFBIG or code is None and limit != resource.RLIM_INFINITY:
         return WriteError(f"cannot write {path}: this process may write files of at most {format_bytes(limit)} "
-                          f"(ulimit -f){need}; the previous {os.path.basename(path)}, if any, is untouched. Raise the "
-                          "limit and run again")
+                          f"(ulimit -f){need}; nothing was replaced. Raise the limit and run again")
     free = _free_bytes(directory)
     if code in _SPACE or code is None and free is not None and needed and free < needed:
         what = os.strerror(code) if code else "disk full"
         return WriteError(f"cannot write {path}: {what} ({format_bytes(free or 0)} free in {directory}{need}); "
-                          f"the previous {os.path.basename(path)}, if any, is untouched. Free some space or choose "
-                          "another folder, and run again")
+                          "nothing was replaced. Free some space or choose another folder, and run again")
     reason = os.strerror(code) if code else str(error)
     return WriteError(f"cannot write {path}: {reason}")
 
