@@ -25,7 +25,7 @@ def build_parser():
     p.add_argument("--dst", required=True, help="output .pdparams or .safetensors file (the latter records "
                                                 "variant and img_size in its metadata)")
     p.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema: the published ones)")
-    p.add_argument("--img-size", type=int, default=None,
+    p.add_argument("--img-size", type=cli.number(1), default=None,
                    help="resize pos_embed for this input size (default: keep the checkpoint's)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --dst")
     return p

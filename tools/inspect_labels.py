@@ -21,10 +21,10 @@ from passl.utils import cli  # noqa: E402
 def build_parser():
     p = cli.add_config_args(cli.parser(__doc__.splitlines()[0]))
     p.add_argument("--index", type=int, required=True, help="training sample index")
-    p.add_argument("--seed", type=int, default=0, help="seed of the augmentation")
+    p.add_argument("--seed", type=cli.number(0), default=0, help="seed of the augmentation")
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--png", help="also draw the image with each token's top class")
-    p.add_argument("--scale", type=int, default=3, help="PNG magnification")
+    p.add_argument("--scale", type=cli.number(1), default=3, help="PNG magnification")
     return p
 
 
