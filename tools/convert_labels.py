@@ -42,7 +42,10 @@ def main(argv=None):
         raise ConfigError("--dtype applies to --to packed; .npy files keep the dtype of the source maps")
     from passl.data.label_maps import pack_label_maps, write_npy_tree
     from passl.registry import LABEL_STORES
+    from passl.utils.fileio import ensure_writable_dir
     import passl  # noqa: F401  (fills the registries)
+
+    ensure_writable_dir(args.out, "--out")
 
     store = LABEL_STORES.build({"name": args.src_format, "root": args.src, "coverage": args.coverage})
     if args.to == "npy":

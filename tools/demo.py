@@ -34,6 +34,11 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from passl.example.demo import run_demo
+    from passl.utils.fileio import ensure_writable_dir
+
+    ensure_writable_dir(args.out, "--out")
+    if not args.no_build and not os.path.isdir(args.data):   # the example set is built beside --data
+        ensure_writable_dir(os.path.dirname(os.path.abspath(args.data)), "--data")
     run_demo(args.data, args.out, args.train_per_class, args.val_per_class, args.annotator_epochs, args.epochs,
              args.force_data, build_data=not args.no_build, progress=not args.no_progress)
     return 0

@@ -56,6 +56,9 @@ def main(argv=None):
     from passl.annotate import build_cnn_annotator, build_lvvit_annotator, generate_label_maps
     from passl.errors import ConfigError
     from passl.utils import distributed as du
+    from passl.utils.fileio import ensure_writable_dir
+
+    ensure_writable_dir(args.out, "--out")
 
     du.select_device(args.device, log=None)
     if args.arch:

@@ -32,8 +32,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from passl.config import load_config
     from passl.data.inspect import inspect_sample, render_tokens, save_sample
+    from passl.utils.fileio import ensure_writable_dir
 
     cfg = load_config(args.config, args.override)
+    for flag, path in (("--out", args.out), ("--png", args.png)):
+        if path:
+            ensure_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
     result = inspect_sample(cfg, args.index, args.seed)
     save_sample(result, args.out)
     if args.png:

@@ -37,6 +37,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from passl.example.scenes import build_digit_scenes
+    from passl.utils.fileio import ensure_writable_dir
+
+    if args.force or not os.path.isdir(args.out):   # a finished set is found and kept; a new one is built beside --out
+        ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
 
     build_digit_scenes(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
                        image_size=tuple(args.image_size), seed=args.seed, force=args.force,
