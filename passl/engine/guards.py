@@ -203,23 +203,36 @@ def stop_on_signals(flags, log):
 
 @contextlib.contextmanager
 def explain_failure(log):
-    """With several processes, log which rank failed, or that it lost its peers (then another rank
-    died first), before the exception propagates. A PasslError already explains itself."""
+    """With several processes, say which rank failed, or that it lost its peers (then another rank died
+    first). Losing the peers becomes a PasslError (one line, no traceback: the cause is elsewhere); a
+    rank's own failure is logged and propagates with its traceback. A PasslError explains itself.
+
+    What this cannot reach: when the peer dies while this rank waits inside a collective run by Paddle's
+    C++ threads (the gradient all-reduce of the backward pass), gloo and NCCL abort the process
+    ("terminate called after throwing an instance of 'gloo::TimeoutException'") before Python sees an
+    error; README "Troubleshooting" says what a user then sees."""
     try:
         yield
     except PasslError:
         raise
     except Exception as e:
         if du.world_size() > 1:
-            log.error(failure_message(e, du.rank(), du.world_size()))
+            message = failure_message(e, du.rank(), du.world_size())
+            if _lost_peer(e):
+                raise PasslError(message) from None
+            log.error(message)
         raise
+
+
+def _lost_peer(error):
+    return any(word in str(error) for word in _PEER_LOST)
 
 
 def failure_message(error, rank, world_size):
     """One line for the launcher's log of ``rank``: its own failure, or the lost contact with its peers."""
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else ""
-    if any(word in text for word in _PEER_LOST):
+    if _lost_peer(error):
         return (f"rank {rank} of {world_size}: lost contact with the other processes "
                 f"({type(error).__name__}: {first_line}); another rank probably died first - its "
                 "error is in the launcher's log directory (log/workerlog.<rank> by default)")

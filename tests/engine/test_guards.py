@@ -186,3 +186,9 @@ def test_explain_failure_logs_only_with_several_processes(monkeypatch, caplog):
             with explain_failure(log):
                 raise ConfigError("bad key")
         assert len(caplog.records) == 1
+        lost = RuntimeError("[pair.cc:584] TIMEOUT self_rank = 1 pair_rank = 0")
+        with pytest.raises(PasslError) as caught:                # a lost peer: one line, the cause is elsewhere
+            with explain_failure(log):
+                raise lost
+        assert str(caught.value) == failure_message(lost, 1, 2) and caught.value.__cause__ is None
+        assert len(caplog.records) == 1
