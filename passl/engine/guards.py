@@ -63,7 +63,7 @@ def claim_output_dir(output_dir, main=True, resume=False, overwrite=False, log=p
                              "or choose another output_dir with -o output_dir=...")
         if existing:
             moved = move_aside(output_dir)      # under the lock: no run of that folder is going on
-            lock.release()
+            lock.release(moved_to=moved)
             log(f"--overwrite: moved the earlier run in {output_dir} to {moved}")
             ensure_writable_dir(output_dir, "output_dir", "-o output_dir=...")
             lock = DirectoryLock(output_dir, "training run", "output_dir").acquire()

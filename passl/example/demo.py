@@ -76,7 +76,7 @@ def _fresh_dir(out_dir, log):
     try:
         if any(name != DirectoryLock.NAME for name in os.listdir(out_dir)):
             moved = move_aside(out_dir)
-            lock.release()
+            lock.release(moved_to=moved)
             log(f"moved the earlier demo in {out_dir} to {moved} (delete it when you no longer need it)")
             lock = DirectoryLock(out_dir, "demo", "--out").acquire()
         lock.describe()

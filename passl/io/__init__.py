@@ -77,6 +77,8 @@ def format_of(path):
 
     CheckpointError when the file is missing, is no known format, or is not what its suffix says."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; name a weights or checkpoint file in it (e.g. latest.pdckpt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found")
     named, content = _format_by_suffix(path), _formats_by_content(path)

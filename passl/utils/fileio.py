@@ -176,33 +176,55 @@ def ensure_writable_dir(directory, flag, how=None):
 
 
 class DirectoryLock:
-    """An exclusive lock on ``directory`` (the file ``directory/.lock``) held until ``release`` (or the
-    process ends, whatever the way). ``acquire`` raises WriteError naming the holder when another
-    process has it; ``describe`` then writes this process into the lock file for the next one to name."""
+    """An exclusive lock on ``directory``: an flock on the file ``directory/.lock``, held until ``release``
+    or until the process ends, whatever the way (the OS releases it; a killed holder leaves at most the
+    file, never a lock). ``acquire`` raises WriteError naming the holder when another process has it;
+    ``describe`` writes this process into the file for the next one to name. The file is removed on
+    ``release`` when this process made it or described itself in it."""
 
     NAME = ".lock"
 
     def __init__(self, directory, what="folder", flag="output_dir"):
         self.directory, self.what, self.flag = directory, what, flag
         self.path = os.path.join(directory, self.NAME)
-        self._fd = None
+        self._fd, self._owned = None, False
 
     def acquire(self):
         with writing(self.path):
             os.makedirs(self.directory, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        while True:
+            fd, created = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise write_error(e, self.path) from None
+                holder = self._holder()
+                raise WriteError(f"{self.flag} {self.directory} is in use by another {self.what}"
+                                 f"{f' ({holder})' if holder else ''}: wait for it to end or stop it, or choose "
+                                 f"another {self.flag}") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:   # not a file its last holder removed meanwhile
+                self._fd, self._owned = fd, created
+                return self
             os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise write_error(e, self.path) from None
-            holder = self._holder()
-            raise WriteError(f"{self.flag} {self.directory} is in use by another {self.what}"
-                             f"{f' ({holder})' if holder else ''}: wait for it to end or stop it, or choose "
-                             f"another {self.flag}") from None
-        self._fd = fd
-        return self
+
+    def _open(self):
+        """(descriptor, whether this call made the file)."""
+        while True:
+            with writing(self.path):
+                try:
+                    return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE), True
+                except FileExistsError:
+                    pass
+                try:
+                    return os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:   # removed by its last holder just now: make it
+                    continue
 
     def _holder(self):
         with contextlib.suppress(OSError, UnicodeDecodeError):
@@ -217,11 +239,17 @@ class DirectoryLock:
         with contextlib.suppress(OSError):
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, text.encode("utf-8") + b"\n", 0)
+            self._owned = True
 
-    def release(self):
-        if self._fd is not None:
-            os.close(self._fd)   # closing the descriptor releases the flock
-            self._fd = None
+    def release(self, moved_to=None):
+        """Give the folder up; ``moved_to``: where the folder went meanwhile (move_aside while holding it)."""
+        if self._fd is None:
+            return
+        if self._owned:   # removed while still held, so that no other process can be holding this file
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(moved_to, self.NAME) if moved_to else self.path)
+        os.close(self._fd)   # closing the descriptor releases the flock
+        self._fd, self._owned = None, False
 
     def __enter__(self):
         return self.acquire()

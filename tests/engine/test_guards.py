@@ -61,7 +61,7 @@ def test_temporaries_of_killed_writes_are_removed_when_a_run_starts(tmp_path):
     notes = []
     with claim_output_dir(str(out), resume=True, log=notes.append):
         pass
-    assert sorted(os.listdir(out)) == sorted(kept + [".lock"])
+    assert sorted(os.listdir(out)) == sorted(kept)                 # and the lock file goes with the run
     assert notes and notes[0].startswith("removed 2 temporary file(s) of an interrupted write (20 bytes)")
 
 
@@ -73,7 +73,7 @@ def test_the_lock_stops_a_second_run_and_dies_with_its_holder(tmp_path):
         with pytest.raises(WriteError, match=rf"output_dir {out} is in use by another training run \(pid {os.getpid()} "):
             with claim_output_dir(str(out)):
                 pass
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
                                "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
                                str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
