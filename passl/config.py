@@ -137,7 +137,8 @@ def parse_value(text):
 
 def _read_yaml(path):
     if os.path.isdir(path):
-        raise ConfigError(f"config file {path} is a folder; name a .yaml file in it (e.g. configs/lvvit/lvvit_tiny.yaml)")
+        raise ConfigError(f"config file {path} is a folder; name a .yaml file in it "
+                          "(e.g. configs/lvvit/lvvit_tiny.yaml)")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as f:

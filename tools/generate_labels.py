@@ -45,7 +45,8 @@ def build_parser():
     p.add_argument("--num-workers", type=cli.number(1), default=2, help="image-decoding threads")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip undecodable images (counted and listed at the end) instead of stopping")
-    p.add_argument("--max-images", type=cli.number(0), help="write at most this many maps, then stop (rerun to continue)")
+    p.add_argument("--max-images", type=cli.number(0),
+                   help="write at most this many maps, then stop (rerun to continue)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -344,6 +344,9 @@ class Normalize(Transform):
         return F.batch_norm(images.astype("float32"), mean, var, training=False, epsilon=eps)
 
 
+Fraction = ranged(float, 0, 1, low_open=True)
+
+
 @TRANSFORMS.register()
 class RandomErasing(Transform):
     """Erase random boxes of the normalised image (image only), as timm's RandomErasing.
@@ -355,8 +358,8 @@ class RandomErasing(Transform):
     """
 
     def __init__(self, prob: Probability = 0.25, mode: str = "pixel", max_count: PositiveInt = 1,
-                 min_area: ranged(float, 0, 1, low_open=True) = 0.02, max_area: ranged(float, 0, 1, low_open=True) = 1 / 3,
-                 min_aspect: ranged(float, 0, 1, low_open=True) = 0.3, enable: bool = True):
+                 min_area: Fraction = 0.02, max_area: Fraction = 1 / 3, min_aspect: Fraction = 0.3,
+                 enable: bool = True):
         super().__init__(enable)
         if mode not in ("pixel", "rand", "const"):
             raise ConfigError(f"RandomErasing.mode: '{mode}' is not one of pixel, rand, const")

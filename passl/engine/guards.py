@@ -69,8 +69,9 @@ def claim_output_dir(output_dir, main=True, resume=False, overwrite=False, log=p
             lock = DirectoryLock(output_dir, "training run", "output_dir").acquire()
         removed = remove_stale_temporaries(output_dir)
         if removed:
-            log(f"removed {len(removed)} temporary file(s) of an interrupted write ({format_bytes(sum(n for _, n in removed))}):"
-                f" {', '.join(os.path.basename(p) for p, _ in removed[:3])}")
+            size = format_bytes(sum(n for _, n in removed))
+            log(f"removed {len(removed)} temporary file(s) of an interrupted write ({size}): "
+                f"{', '.join(os.path.basename(p) for p, _ in removed[:3])}")
         lock.describe()
         yield lock
     finally:
@@ -110,12 +111,13 @@ def check_disk(output_dir, model, with_ema, keep_last=3, main=True):
     more = need["peak"] - _bytes_held(output_dir)
     free = shutil.disk_usage(output_dir).free
     if free < more:
+        checkpoint, weights = format_bytes(need["checkpoint"]), format_bytes(need["weights"])
         raise WriteError(
-            f"output_dir {output_dir} has {format_bytes(free)} free; this run needs {format_bytes(more)} more at its peak: "
-            f"{need['checkpoints']} checkpoints of ~{format_bytes(need['checkpoint'])} (train.keep_last {keep_last}, the "
-            f"one being written and the best), best_model.pdparams and .safetensors of ~{format_bytes(need['weights'])} "
-            f"each (and one more while replaced) and {format_bytes(SLACK)} for logs. Free space, lower train.keep_last, "
-            "or choose another output_dir")
+            f"output_dir {output_dir} has {format_bytes(free)} free; this run needs {format_bytes(more)} more at "
+            f"its peak: {need['checkpoints']} checkpoints of ~{checkpoint} (train.keep_last {keep_last}, the one "
+            f"being written and the best), best_model.pdparams and .safetensors of ~{weights} each (and one more "
+            f"while replaced) and {format_bytes(SLACK)} for logs. Free space, lower train.keep_last, or choose "
+            "another output_dir")
 
 
 class NonFiniteLoss(Exception):

@@ -177,7 +177,8 @@ def _evaluate_epoch(run, record):
 def _check_eval_classes(source, num_classes, weights, recorded):
     """The validation folder's classes must be those the weights were trained on: the list the file records
     (``recorded``, from a trainer checkpoint or best_model.safetensors), else as many as the model has outputs."""
-    fix = "give data.val.dataset.class_names the training classes in training order (a class with no images is then fine)"
+    fix = ("give data.val.dataset.class_names the training classes in training order (a class with no images is "
+           "then fine)")
     if recorded is not None:
         check_same_classes(source.classes, recorded, f"data.val.dataset ({source.root})",
                            f"the training set recorded in {weights}", fix)

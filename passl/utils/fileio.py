@@ -24,7 +24,8 @@ import time
 from passl.errors import PasslError, WriteError
 
 __all__ = ["atomic_path", "write_text", "writing", "write_error", "format_bytes", "TEMPORARY",
-           "remove_stale_temporaries", "ensure_writable_dir", "DirectoryLock", "move_aside", "sha256_file", "WriteError"]
+           "remove_stale_temporaries", "ensure_writable_dir", "DirectoryLock", "move_aside", "sha256_file",
+           "WriteError"]
 
 
 def _file_mode():
