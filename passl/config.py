@@ -12,15 +12,17 @@ import copy
 import inspect
 import os
 import re
+import typing
 
 import yaml
 
 from passl.errors import ConfigError
+from passl.ranges import Range, declared_range
 from passl.registry import REGISTRIES, suggest
 from passl.utils.fileio import write_text
 
 __all__ = ["load_config", "apply_overrides", "validate", "dump_config",
-           "DEFAULTS", "Choice", "Optional", "Built", "ListOf"]
+           "DEFAULTS", "Choice", "Optional", "Built", "ListOf", "Refused", "Range"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,36 +60,50 @@ class ListOf:
         self.default = list(default)
 
 
-def _data_split(batch_size):
+class Refused:
+    """A key that would be accepted and then ignored: setting it is an error saying ``why``."""
+
+    def __init__(self, why):
+        self.why = why
+        self.default = None
+
+
+def _data_split(batch_size, split):
     return {
         "dataset": Optional(Built("datasets")),
-        "label_store": Optional(Built("label_stores")),
+        # evaluation scores the class output against image labels: a label store there would be
+        # checked at start-up and then never read
+        "label_store": Optional(Built("label_stores")) if split == "train" else Optional(Refused(
+            "evaluation uses the image labels only and never reads label maps; remove it "
+            "(dense labels belong in data.train.label_store)")),
         "transforms": ListOf(Built("transforms")),
-        "batch_size": batch_size,      # per process
-        "num_workers": 4,              # per process
+        "batch_size": Range(1, kind=int, default=batch_size),   # per process
+        "num_workers": Range(0, kind=int, default=4, note="loader processes per training process; "
+                                                          "0 loads in the training process"),
         "skip_bad_images": False,      # True: undecodable images are skipped, counted and listed
     }
 
 
 DEFAULTS = {
-    "seed": 0,
+    "seed": Range(0, 2 ** 32 - 1, kind=int, default=0),
     "device": Choice("auto", "cpu", "gpu"),
     "output_dir": "output/run",
-    "epochs": 300,
+    "epochs": Range(1, kind=int, default=300),
     "model": Built("models"),
     "loss": Built("losses", {"name": "TokenLabelCrossEntropy"}),
     "optimizer": Built("optimizers", {"name": "AdamW"}),
     "lr_schedule": Built("lr_schedules", {"name": "WarmupCosine"}),
-    "data": {"train": _data_split(128), "val": _data_split(128)},
-    "ema": {"enable": True, "decay": 0.99992},
+    "data": {"train": _data_split(128, "train"), "val": _data_split(128, "val")},
+    "ema": {"enable": True, "decay": Range(0, 1, default=0.99992)},
     "amp": {"enable": Choice("auto", True, False), "level": Choice("O1", "O2"),
             "dtype": Choice("float16", "bfloat16")},
     "train": {
-        "accum_steps": 1,
-        "grad_clip": Optional(float),  # max global grad norm, or null for none
-        "log_interval": 50,
-        "eval_interval": 1,            # epochs
-        "keep_last": 3,                # epoch checkpoints kept besides latest/best
+        "accum_steps": Range(1, kind=int, default=1),
+        "grad_clip": Optional(Range(0, low_open=True)),   # max global grad norm, or null for none
+        "log_interval": Range(1, kind=int, default=50),   # optimizer steps
+        "eval_interval": Range(1, kind=int, default=1),   # epochs
+        "keep_last": Range(0, kind=int, default=3,
+                           note="epoch checkpoints kept besides latest.pdckpt and best.pdckpt; 0 keeps just those"),
         "load": Optional(str),         # initial weights when --load is not given (fine-tuning)
         "reinit_head": False,          # loading weights for other classes: re-initialise head, aux_head
     },
@@ -120,6 +136,9 @@ def parse_value(text):
 
 
 def _read_yaml(path):
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a folder; name a .yaml file in it "
+                          "(e.g. configs/lvvit/lvvit_tiny.yaml)")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -127,6 +146,9 @@ def _read_yaml(path):
             data = yaml.load(f, Loader=_Loader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); "
+                              "is it a config file?") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -182,7 +204,7 @@ def _load_with_bases(path, origins, seen=()):
 def _default_of(spec):
     if isinstance(spec, dict):
         return {k: _default_of(v) for k, v in spec.items()}
-    if isinstance(spec, (Choice, Optional, Built, ListOf)):
+    if isinstance(spec, (Choice, Optional, Built, ListOf, Range, Refused)):
         return copy.deepcopy(spec.default)
     return copy.deepcopy(spec)
 
@@ -298,24 +320,50 @@ def _check_scalar(value, expected, path, origins):
     return float(value) if kind is float else value
 
 
+def _schema_paths(spec, prefix=""):
+    """Every dotted key of the schema ``spec`` (sections included)."""
+    for key, sub in spec.items():
+        yield prefix + key
+        if isinstance(sub, dict):
+            yield from _schema_paths(sub, f"{prefix}{key}.")
+
+
 def _unknown(key, valid, path, origins):
     where = _origin(origins, path)
-    return ConfigError(f"unknown key '{path}' in {where}.{suggest(key, valid)} "
+    elsewhere = [p for p in _schema_paths(DEFAULTS) if p.rpartition(".")[2] == key and p != path]
+    moved = f" The key '{key}' exists as {', '.join(elsewhere)}; set that instead." if elsewhere else ""
+    return ConfigError(f"unknown key '{path}' in {where}.{suggest(key, valid)}{moved} "
                        f"Valid keys here: {', '.join(sorted(map(str, valid)))}")
 
 
 def _param_spec(param):
-    """An example value / type to check a registered callable's keyword argument against."""
+    """The spec to check a registered callable's keyword argument against: its declared Range
+    (passl.ranges), else its annotated type, else the type of its default; None when unknown."""
     ann = param.annotation
-    if isinstance(ann, type) and ann is not inspect.Parameter.empty:
-        base = ann
-    elif param.default is not inspect.Parameter.empty and param.default is not None:
-        base = type(param.default)
-    else:
+    spec = declared_range(ann)
+    if typing.get_origin(ann) is typing.Annotated:
+        ann = typing.get_args(ann)[0]
+    if spec is None and isinstance(ann, type) and ann is not inspect.Parameter.empty:
+        spec = ann
+    if spec is None and param.default is not inspect.Parameter.empty and param.default is not None:
+        spec = type(param.default)
+    if spec is None:
         return None
     if param.default is None:
-        return Optional(base)
-    return base
+        return Optional(spec)
+    return spec
+
+
+def _check_range(value, spec, path, origins):
+    """``value`` checked for type and range against the Range ``spec``; ints widened to float."""
+    if spec.items:
+        value = _check_scalar(value, list, path, origins)
+        value = [_check_scalar(v, spec.kind, f"{path}.{i}", origins) for i, v in enumerate(value)]
+    else:
+        value = _check_scalar(value, spec.kind, path, origins)
+    if not spec.contains(value):
+        raise ConfigError(f"{path}: expected {spec.describe()}, got {value!r} from {_origin(origins, path)}")
+    return value
 
 
 def _validate(value, spec, path, origins):
@@ -328,6 +376,10 @@ def _validate(value, spec, path, origins):
                 for k, v in value.items()}
     if isinstance(spec, Optional):
         return None if value is None else _validate(value, spec.inner, path, origins)
+    if isinstance(spec, Range):
+        return _check_range(value, spec, path, origins)
+    if isinstance(spec, Refused):
+        raise ConfigError(f"{path} (set in {_origin(origins, path)}): {spec.why}")
     if isinstance(spec, Choice):
         if not any(value == c and type(value) is type(c) for c in spec.values):
             raise ConfigError(f"{path}: expected one of {', '.join(map(str, spec.values))}, got {value!r} "

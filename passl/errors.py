@@ -19,3 +19,8 @@ class CheckpointError(PasslError):
 
 class ModelOutputError(PasslError, TypeError):
     """A model's training output is not what the loss reads (passl.models.outputs.TokenLabelOutput)."""
+
+
+class WriteError(PasslError):
+    """A file could not be written (disk full, file size limit, read-only folder, a folder in use by
+    another run): names the file or folder, what happened and what to do."""

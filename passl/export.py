@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from passl.errors import ConfigError, DataError
-from passl.utils.fileio import write_text
+from passl.utils.fileio import write_text, writing
 
 __all__ = ["export_model", "eval_preprocessing", "load_exported", "InferenceModel", "preprocess_image", "predict",
            "PREPROCESS_FILE", "MODEL_PREFIX"]
@@ -112,7 +112,8 @@ def export_model(cfg, weights, out_dir, class_names=None):
     static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, MODEL_PREFIX)
-    paddle.jit.save(static, prefix)
+    with writing(prefix):   # disk full: one line naming the file
+        paddle.jit.save(static, prefix)
     info = {**preprocessing, "model": cfg["model"], "weights": os.path.abspath(weights),
             "class_names": _class_names(cfg, model.num_classes, class_names)}
     write_text(os.path.join(out_dir, PREPROCESS_FILE), json.dumps(info, indent=1))

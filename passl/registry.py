@@ -9,6 +9,7 @@ import importlib
 import inspect
 
 from passl.errors import ConfigError
+from passl.ranges import declared_range
 
 __all__ = ["Registry", "MODELS", "LOSSES", "DATASETS", "LABEL_STORES", "TRANSFORMS",
            "OPTIMIZERS", "LR_SCHEDULES", "REGISTRIES", "fill_registries"]
@@ -97,6 +98,10 @@ class Registry:
         if missing:
             raise ConfigError(f"{self.name} '{name}' needs argument(s) {', '.join(missing)}; "
                               "add them to its config section")
+        for key, value in kwargs.items():   # the declared ranges (passl.ranges), as the config check does
+            declared = declared_range(params[key].annotation) if key in params else None
+            if declared is not None and value is not None and not declared.contains(value):
+                raise ConfigError(f"{self.name} '{name}': {key} must be {declared.describe()}, got {value!r}")
         return obj(**kwargs)
 
 

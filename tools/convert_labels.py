@@ -40,6 +40,17 @@ def main(argv=None):
     from passl.errors import ConfigError
     if args.dtype and args.to != "packed":
         raise ConfigError("--dtype applies to --to packed; .npy files keep the dtype of the source maps")
+    from passl.utils.fileio import DirectoryLock, ensure_writable_dir, remove_stale_temporaries
+
+    ensure_writable_dir(args.out, "--out")
+    with DirectoryLock(args.out, "label conversion", "--out"):
+        for path, size in remove_stale_temporaries(args.out, recursive=args.to == "npy"):
+            print(f"removed {path} ({size} bytes), left by an interrupted conversion")
+        return _convert(args)
+
+
+def _convert(args):
+    import passl  # noqa: F401  (fills the registries)
     from passl.data.label_maps import pack_label_maps, write_npy_tree
     from passl.registry import LABEL_STORES
 

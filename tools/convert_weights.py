@@ -25,7 +25,7 @@ def build_parser():
     p.add_argument("--dst", required=True, help="output .pdparams or .safetensors file (the latter records "
                                                 "variant and img_size in its metadata)")
     p.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema: the published ones)")
-    p.add_argument("--img-size", type=int, default=None,
+    p.add_argument("--img-size", type=cli.number(1), default=None,
                    help="resize pos_embed for this input size (default: keep the checkpoint's)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --dst")
     return p
@@ -35,8 +35,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from passl.errors import CheckpointError
     from passl.models.convert import convert_checkpoint
+    from passl.utils.fileio import ensure_writable_dir
     if not args.dst.endswith((".pdparams", ".safetensors")):
         raise CheckpointError(f"--dst {args.dst}: the output must end in .pdparams or .safetensors")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(args.dst)), "--dst")
     report = convert_checkpoint(args.src, args.dst, ema=args.ema, img_size=args.img_size, force=args.force)
     variant = report["variant"] or "no published variant (custom width/depth/stem)"
     print(f"detected variant: {variant} at {report['img_size']} px, {report['num_classes']} classes")

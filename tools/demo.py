@@ -20,10 +20,10 @@ def build_parser():
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--data", default="data/digit_scenes", help="example dataset folder (built if absent)")
     p.add_argument("--out", default="output/demo", help="where models, label maps and results.json go")
-    p.add_argument("--train-per-class", type=int, help="default: the example builder's")
-    p.add_argument("--val-per-class", type=int, help="default: the example builder's")
-    p.add_argument("--annotator-epochs", type=int, help="default: configs/example/annotator_digits.yaml")
-    p.add_argument("--epochs", type=int, help="LV-ViT epochs (default: configs/example/lvvit_digits_tl.yaml)")
+    p.add_argument("--train-per-class", type=cli.number(1), help="default: the example builder's")
+    p.add_argument("--val-per-class", type=cli.number(1), help="default: the example builder's")
+    p.add_argument("--annotator-epochs", type=cli.number(1), help="default: configs/example/annotator_digits.yaml")
+    p.add_argument("--epochs", type=cli.number(1), help="LV-ViT epochs (default: configs/example/lvvit_digits_tl.yaml)")
     p.add_argument("--force-data", action="store_true", help="rebuild the dataset if a different one is at --data")
     p.add_argument("--no-build", action="store_true",
                    help="use --data as it is (any folder with train/ and val/ in ImageNet layout)")
@@ -34,6 +34,11 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from passl.example.demo import run_demo
+    from passl.utils.fileio import ensure_writable_dir
+
+    ensure_writable_dir(args.out, "--out")
+    if not args.no_build and not os.path.isdir(args.data):   # the example set is built beside --data
+        ensure_writable_dir(os.path.dirname(os.path.abspath(args.data)), "--data")
     run_demo(args.data, args.out, args.train_per_class, args.val_per_class, args.annotator_epochs, args.epochs,
              args.force_data, build_data=not args.no_build, progress=not args.no_progress)
     return 0

@@ -29,9 +29,11 @@ def main(argv=None):
     from passl.config import load_config
     from passl.export import export_model
     from passl.utils.distributed import select_device
+    from passl.utils.fileio import ensure_writable_dir
 
-    select_device("cpu", log=None)   # export is device independent
     cfg = load_config(args.config, args.override)
+    ensure_writable_dir(args.out, "--out")
+    select_device("cpu", log=None)   # export is device independent
     model, prefix, info = export_model(cfg, args.load, args.out, args.class_names)
     rows, cols = info["input_size"]
     print(f"exported {cfg['model']['name']} ({model.num_classes} classes, input [N, 3, {rows}, {cols}]) to {prefix}.* "

@@ -32,20 +32,21 @@ def build_parser():
     p.add_argument("--weights", required=True, help="annotator weights (.pdparams, a .pdckpt checkpoint, .safetensors, .pth)")
     p.add_argument("--arch", help="CNN annotator: small_cnn or a paddle.vision.models name (resnet18, ...); "
                                   "without it, -c gives an LV-ViT model")
-    p.add_argument("--num-classes", type=int, help="classes of the CNN annotator")
-    p.add_argument("--width", type=int, default=16, help="width of small_cnn")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"),
+    p.add_argument("--num-classes", type=cli.number(1), help="classes of the CNN annotator")
+    p.add_argument("--width", type=cli.number(1), default=16, help="width of small_cnn")
+    p.add_argument("--image-size", type=cli.number(1), nargs=2, metavar=("W", "H"),
                    help="every image is resized to W x H (default: the LV-ViT's img_size; 224 224 for a CNN)")
-    p.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN))
-    p.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD))
+    p.add_argument("--mean", type=cli.number(kind=float), nargs=3, default=list(IMAGENET_MEAN))
+    p.add_argument("--std", type=cli.number(0, kind=float, low_open=True), nargs=3, default=list(IMAGENET_STD))
     p.add_argument("--interpolation", default="bilinear", choices=sorted(INTERPOLATIONS))
-    p.add_argument("--topk", type=int, default=5, help="classes kept per location (K)")
+    p.add_argument("--topk", type=cli.number(1), default=5, help="classes kept per location (K)")
     p.add_argument("--store", default="npy", choices=["npy", "pth", "packed"], help="label store to write")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--batch-size", type=cli.number(1), default=32)
+    p.add_argument("--num-workers", type=cli.number(1), default=2, help="image-decoding threads")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip undecodable images (counted and listed at the end) instead of stopping")
-    p.add_argument("--max-images", type=int, help="write at most this many maps, then stop (rerun to continue)")
+    p.add_argument("--max-images", type=cli.number(0),
+                   help="write at most this many maps, then stop (rerun to continue)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -56,6 +57,9 @@ def main(argv=None):
     from passl.annotate import build_cnn_annotator, build_lvvit_annotator, generate_label_maps
     from passl.errors import ConfigError
     from passl.utils import distributed as du
+    from passl.utils.fileio import ensure_writable_dir
+
+    ensure_writable_dir(args.out, "--out")
 
     du.select_device(args.device, log=None)
     if args.arch:

@@ -21,10 +21,10 @@ from passl.utils import cli  # noqa: E402
 def build_parser():
     p = cli.add_config_args(cli.parser(__doc__.splitlines()[0]))
     p.add_argument("--index", type=int, required=True, help="training sample index")
-    p.add_argument("--seed", type=int, default=0, help="seed of the augmentation")
+    p.add_argument("--seed", type=cli.number(0), default=0, help="seed of the augmentation")
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--png", help="also draw the image with each token's top class")
-    p.add_argument("--scale", type=int, default=3, help="PNG magnification")
+    p.add_argument("--scale", type=cli.number(1), default=3, help="PNG magnification")
     return p
 
 
@@ -32,8 +32,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from passl.config import load_config
     from passl.data.inspect import inspect_sample, render_tokens, save_sample
+    from passl.utils.fileio import ensure_writable_dir
 
     cfg = load_config(args.config, args.override)
+    for flag, path in (("--out", args.out), ("--png", args.png)):
+        if path:
+            ensure_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
     result = inspect_sample(cfg, args.index, args.seed)
     save_sample(result, args.out)
     if args.png:

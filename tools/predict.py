@@ -17,8 +17,8 @@ from passl.utils import cli  # noqa: E402
 def build_parser():
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="folder written by tools/export_model.py")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--topk", type=cli.number(1), default=5)
+    p.add_argument("--batch-size", type=cli.number(1), default=16)
     p.add_argument("--device", default="auto",
                    help="auto (the GPU if Paddle has CUDA and one is visible), cpu, gpu, gpu:1")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...; any size)")

@@ -21,6 +21,9 @@ def build_parser():
                                                      ".safetensors, .pth / .pth.tar, PASSL .pd)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run exactly; without a path, the latest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start anew although output_dir holds a run: that run is moved to output_dir.old-<time> "
+                        "(nothing is deleted)")
     p.add_argument("--evaluate-only", action="store_true", help="evaluate --load on the validation set and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
@@ -39,11 +42,13 @@ def main(argv=None):
         raise ConfigError("--evaluate-only needs --load WEIGHTS (a .pdparams file or a checkpoint)")
     if args.evaluate_only and args.resume:
         raise ConfigError("--evaluate-only and --resume do not go together; use --load WEIGHTS")
+    if args.overwrite and (args.resume or args.evaluate_only):
+        raise ConfigError("--overwrite starts a new training run; it does not go with --resume or --evaluate-only")
     from passl.engine import evaluate_only, train
     if args.evaluate_only:
         evaluate_only(cfg, args.load)
         return 0
-    return train(cfg, load=args.load, resume=args.resume)
+    return train(cfg, load=args.load, resume=args.resume, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

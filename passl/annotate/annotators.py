@@ -17,6 +17,7 @@ import paddle.nn as nn
 
 from passl.errors import CheckpointError, ConfigError
 from passl.models.outputs import TokenLabelOutput
+from passl.ranges import PositiveInt
 from passl.registry import MODELS
 
 __all__ = ["SmallCNN", "CNNClassifier", "build_cnn", "CNNAnnotator", "LVViTAnnotator", "load_cnn_weights",
@@ -76,7 +77,7 @@ class CNNClassifier(nn.Layer):
     their sizes.
     """
 
-    def __init__(self, arch: str = "small_cnn", num_classes: int = 1000, width: int = 16):
+    def __init__(self, arch: str = "small_cnn", num_classes: PositiveInt = 1000, width: PositiveInt = 16):
         super().__init__()
         self.arch, self.num_classes, self.grid_size, self.img_size = arch, num_classes, (1, 1), None
         self.num_tokens = 1
@@ -109,6 +110,8 @@ class CNNAnnotator:
     """Dense logits from a CNN classifier: its classifier Linear applied at every position of the
     feature map that enters its global average pool. ``net``: eval-mode Layer whose last
     ``AdaptiveAvgPool2D`` is followed by one ``Linear`` (the classifier)."""
+
+    record = None   # what the annotator is ({kind, arch, num_classes, weights}); build_cnn_annotator sets it
 
     def __init__(self, net, name="cnn"):
         self.net, self.name = net, name
@@ -150,6 +153,8 @@ class CNNAnnotator:
 
 class LVViTAnnotator:
     """Dense logits from an LV-ViT: ``aux_head`` on every patch token after the final LayerNorm."""
+
+    record = None   # what the annotator is ({kind, model, weights}); build_lvvit_annotator sets it
 
     def __init__(self, model, name="lvvit"):
         self.model, self.name = model, name
@@ -199,10 +204,15 @@ def load_cnn_weights(net, path):
 
 
 def build_cnn_annotator(arch, num_classes, weights, width=16):
-    """CNNAnnotator for ``arch`` (small_cnn or a paddle.vision.models name) with the user's ``weights``."""
+    """CNNAnnotator for ``arch`` (small_cnn or a paddle.vision.models name) with the user's ``weights``.
+    Its ``record`` says what it is (generate_label_maps keeps it beside the maps it writes)."""
+    import os
     net = build_cnn(arch, num_classes, width)
     load_cnn_weights(net, weights)
-    return CNNAnnotator(net, arch)
+    annotator = CNNAnnotator(net, arch)
+    annotator.record = {"kind": "cnn", "arch": arch, "num_classes": int(num_classes),
+                        **({"width": int(width)} if arch == "small_cnn" else {}), "weights": os.path.abspath(weights)}
+    return annotator
 
 
 def build_lvvit_annotator(model_cfg, weights):
@@ -210,6 +220,9 @@ def build_lvvit_annotator(model_cfg, weights):
     .safetensors)."""
     import passl
     from passl.models import load_pretrained
+    import os
     model = passl.build_model(model_cfg)
     load_pretrained(model, weights, log=lambda *a: None)
-    return LVViTAnnotator(model, model_cfg.get("name", "lvvit"))
+    annotator = LVViTAnnotator(model, model_cfg.get("name", "lvvit"))
+    annotator.record = {"kind": "model", "model": dict(model_cfg), "weights": os.path.abspath(weights)}
+    return annotator

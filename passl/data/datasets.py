@@ -30,7 +30,7 @@ from passl.errors import ConfigError, DataError
 from passl.registry import DATASETS, LABEL_STORES
 
 __all__ = ["IMG_EXTENSIONS", "BadImageError", "ImageSource", "ImageFolder", "ImageFiles", "TokenLabelDataset",
-           "build_dataset", "to_uint8_chw", "read_class_names", "read_rgb"]
+           "build_dataset", "to_uint8_chw", "read_class_names", "read_rgb", "check_same_classes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _MAX_SKIPS = 50
@@ -306,3 +306,22 @@ def build_dataset(split_cfg, split, num_classes, grid_size, img_size=None):
         grid_size = (grid_size, grid_size)
     return TokenLabelDataset(source, transforms, store, num_classes, grid_size, targets=(split == "train"),
                              skip_bad_images=bool(split_cfg.get("skip_bad_images", False)))
+
+
+def check_same_classes(classes, expected, where, expected_from, fix):
+    """Raise DataError unless the class list ``classes`` (of ``where``, e.g. 'data.val.dataset (val/)')
+    equals ``expected`` (of ``expected_from``) name for name and in order: a label is an index into the
+    list, so any difference would score every image after it against another class."""
+    classes, expected = list(classes), list(expected)
+    if classes == expected:
+        return
+    missing = [c for c in expected if c not in set(classes)]
+    extra = [c for c in classes if c not in set(expected)]
+
+    def shown(names):
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    parts = ([f"{len(missing)} missing ({shown(missing)})"] if missing else []) + (
+        [f"{len(extra)} not in {expected_from} ({shown(extra)})"] if extra else [])
+    differ = "; ".join(parts) or "the same names in another order"
+    raise DataError(f"{where} has {len(classes)} classes and {expected_from} {len(expected)}: {differ}. Labels are "
+                    f"positions in the class list, so top-1 would be wrong; {fix}")

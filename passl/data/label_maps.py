@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from passl.errors import DataError
+from passl.ranges import ranged
 from passl.registry import LABEL_STORES
 from passl.utils.fileio import atomic_path, write_text
 
@@ -31,6 +32,7 @@ __all__ = ["COVERAGES", "LabelStore", "NpyLabelStore", "PthLabelStore", "PackedL
 COVERAGES = ("center_square", "full")
 PACKED_FORMAT = "passl-packed-label-maps"
 PACKED_DATA, PACKED_INDEX = "labels.npy", "index.json"
+MapShape = ranged(list, 1, kind=int, length=3, note="[K, H, W] of every map")
 
 
 def label_key(relpath):
@@ -147,7 +149,7 @@ class NpyLabelStore(LabelStore):
     suffix = ".npy"
 
     def __init__(self, root: str, coverage: str = "center_square", allow_missing: bool = False,
-                 map_shape: list = None):
+                 map_shape: MapShape = None):
         super().__init__(root, coverage, allow_missing, map_shape)
 
     def _shape(self, key):
@@ -175,7 +177,7 @@ class PthLabelStore(LabelStore):
     suffix = ".pth"
 
     def __init__(self, root: str, coverage: str = "center_square", allow_missing: bool = False,
-                 map_shape: list = None):
+                 map_shape: MapShape = None):
         super().__init__(root, coverage, allow_missing, map_shape)
 
     def _shape(self, key):
@@ -202,7 +204,7 @@ class PackedLabelStore(LabelStore):
     ``coverage`` null takes the coverage recorded in the index; stating a different one is an error.
     """
 
-    def __init__(self, root: str, coverage: str = None, allow_missing: bool = False, map_shape: list = None):
+    def __init__(self, root: str, coverage: str = None, allow_missing: bool = False, map_shape: MapShape = None):
         index_path = os.path.join(root, PACKED_INDEX)
         if not os.path.isfile(index_path):
             raise DataError(f"packed label store {root}: {index_path} not found; write it with "

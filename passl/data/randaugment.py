@@ -13,6 +13,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from passl.data.transforms import Transform, _check_interpolation, pil_interpolation, warp_label_map
 from passl.errors import ConfigError
+from passl.ranges import Range, ranged
 from passl.registry import TRANSFORMS
 
 __all__ = ["RandAugment", "parse_rand_config", "GEOMETRIC_OPS", "COLOR_OPS"]
@@ -138,7 +139,16 @@ def parse_rand_config(config_str):
         else:
             raise ConfigError(f"RandAugment.config_str '{config_str}': unknown part '{part}' "
                               "(known: m<magnitude>, n<ops>, mstd<std>, mmax<max>, p<prob>, inc<0|1>)")
+    for name, valid in _CONFIG_RANGES.items():
+        if not (valid.contains(out[name]) or name == "magnitude_std" and out[name] == math.inf):
+            raise ConfigError(f"RandAugment.config_str '{config_str}': {name} must be {valid.describe()}, "
+                              f"got {out[name]}")
     return out
+
+
+# what the numbers of a config string may be (mstd may also be inf: magnitudes uniform in [0, m], as timm)
+_CONFIG_RANGES = {"num_ops": Range(0, kind=int), "magnitude": Range(0), "magnitude_std": Range(0),
+                  "magnitude_max": Range(0, low_open=True), "prob": Range(0, 1)}
 
 
 @TRANSFORMS.register()
@@ -152,7 +162,8 @@ class RandAugment(Transform):
     image the crop will use (same pixels as the whole image, ~2x less work on average).
     """
 
-    def __init__(self, config_str: str = "rand-m9-mstd0.5-inc1", ops: list = None, fill: list = (124, 116, 104),
+    def __init__(self, config_str: str = "rand-m9-mstd0.5-inc1", ops: list = None,
+                 fill: ranged(list, 0, 255, kind=int, length=3) = (124, 116, 104),
                  interpolation: str = "random", crop_window: bool = True, enable: bool = True):
         super().__init__(enable)
         self.crop_window = crop_window

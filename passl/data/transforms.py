@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from passl.errors import ConfigError
+from passl.ranges import PositiveFloat, PositiveInt, Probability, ranged
 from passl.registry import TRANSFORMS
 
 __all__ = ["Sample", "Transform", "RandomHorizontalFlip", "RandomResizedCrop", "ResizeShorter", "CenterCrop",
@@ -181,7 +182,7 @@ def warp_label_map(sample, inverse):
 class RandomHorizontalFlip(Transform):
     """Flip image and label map together with probability ``prob``."""
 
-    def __init__(self, prob: float = 0.5, enable: bool = True):
+    def __init__(self, prob: Probability = 0.5, enable: bool = True):
         super().__init__(enable)
         self.prob = prob
 
@@ -227,7 +228,9 @@ class RandomResizedCrop(Transform):
     interpolation: 'random' (bilinear or bicubic), or a key of INTERPOLATIONS.
     """
 
-    def __init__(self, size: int = None, scale: list = (0.08, 1.0), ratio: list = (3 / 4, 4 / 3),
+    def __init__(self, size: PositiveInt = None,
+                 scale: ranged(list, 0, 1, low_open=True, length=2, ascending=True) = (0.08, 1.0),
+                 ratio: ranged(list, 0, low_open=True, length=2, ascending=True) = (3 / 4, 4 / 3),
                  interpolation: str = "random", enable: bool = True):
         super().__init__(enable)
         _check_interpolation(interpolation, "RandomResizedCrop")
@@ -261,8 +264,8 @@ class RandomResizedCrop(Transform):
 class ResizeShorter(Transform):
     """Evaluation resize: the shorter side becomes int(size / crop_pct) (follow with CenterCrop(size))."""
 
-    def __init__(self, size: int = None, crop_pct: float = 0.9, interpolation: str = "bicubic",
-                 enable: bool = True):
+    def __init__(self, size: PositiveInt = None, crop_pct: PositiveFloat = 0.9,
+                 interpolation: str = "bicubic", enable: bool = True):
         super().__init__(enable)
         _check_interpolation(interpolation, "ResizeShorter")
         self.size, self.crop_pct, self.interpolation = _check_size(size, "ResizeShorter"), crop_pct, interpolation
@@ -288,7 +291,7 @@ class ResizeShorter(Transform):
 class CenterCrop(Transform):
     """Crop the central ``size`` x ``size`` pixels (torchvision's rounding)."""
 
-    def __init__(self, size: int = None, enable: bool = True):
+    def __init__(self, size: PositiveInt = None, enable: bool = True):
         super().__init__(enable)
         self.size = _check_size(size, "CenterCrop")
 
@@ -311,7 +314,8 @@ class Normalize(Transform):
     sample directly (as generate_labels' preprocessing does), it turns the PIL image into float32 [3, H, W].
     """
 
-    def __init__(self, mean: list = IMAGENET_MEAN, std: list = IMAGENET_STD, enable: bool = True):
+    def __init__(self, mean: ranged(list, length=3) = IMAGENET_MEAN,
+                 std: ranged(list, 0, low_open=True, length=3) = IMAGENET_STD, enable: bool = True):
         super().__init__(enable)
         self.mean, self.std = tuple(mean), tuple(std)
         # one 256-entry table per channel: a gather is ~4x faster than float arithmetic on the image
@@ -335,6 +339,9 @@ class Normalize(Transform):
         return (images.astype("float32") - mean) / std
 
 
+Fraction = ranged(float, 0, 1, low_open=True)
+
+
 @TRANSFORMS.register()
 class RandomErasing(Transform):
     """Erase random boxes of the normalised image (image only), as timm's RandomErasing.
@@ -345,11 +352,14 @@ class RandomErasing(Transform):
     collated, normalised batch on the training device (``erase_batch``), as timm does on the GPU.
     """
 
-    def __init__(self, prob: float = 0.25, mode: str = "pixel", max_count: int = 1, min_area: float = 0.02,
-                 max_area: float = 1 / 3, min_aspect: float = 0.3, enable: bool = True):
+    def __init__(self, prob: Probability = 0.25, mode: str = "pixel", max_count: PositiveInt = 1,
+                 min_area: Fraction = 0.02, max_area: Fraction = 1 / 3, min_aspect: Fraction = 0.3,
+                 enable: bool = True):
         super().__init__(enable)
         if mode not in ("pixel", "rand", "const"):
             raise ConfigError(f"RandomErasing.mode: '{mode}' is not one of pixel, rand, const")
+        if min_area > max_area:
+            raise ConfigError(f"RandomErasing: min_area {min_area} is larger than max_area {max_area}")
         self.prob, self.mode, self.max_count = prob, mode, max_count
         self.min_area, self.max_area, self.min_aspect = min_area, max_area, min_aspect
 

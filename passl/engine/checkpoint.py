@@ -12,8 +12,10 @@ depend on Paddle's internal tensor names), scaler, ema, epoch, batch (position i
 global_step, best, sampler (what the position means: world_size, batch_size, seed), rng (paddle,
 numpy, python), config. ``training_state`` assembles it; ``restore_training_state`` puts it back.
 """
+import contextlib
 import dataclasses
 import glob
+import json
 import os
 import random
 import re
@@ -23,7 +25,7 @@ from typing import Optional
 import numpy as np
 import paddle
 
-from passl.errors import CheckpointError
+from passl.errors import CheckpointError, WriteError
 from passl.utils.fileio import atomic_path
 
 __all__ = ["atomic_save", "load_file", "CheckpointManager", "find_latest", "optimizer_state_by_names",
@@ -34,9 +36,23 @@ SEP = "/"   # between a structured parameter name and an accumulator suffix
 
 
 def atomic_save(obj, path):
-    """``paddle.save(obj, path)`` through a temporary file in the same directory and a rename."""
+    """``paddle.save(obj, path)`` through a temporary file in the same directory and a rename; a failed
+    write (disk full) raises WriteError naming ``path`` and the bytes it needs."""
     from passl.io import write_paddle
-    return write_paddle(obj, path)
+    return write_paddle(obj, path, state_nbytes(obj))
+
+
+def state_nbytes(obj):
+    """Bytes of the tensors and arrays in ``obj`` (nested dicts, lists, tuples): about a checkpoint's size."""
+    if isinstance(obj, paddle.Tensor):
+        return int(np.prod(obj.shape)) * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
 
 
 def _atomic_link(src, dst):
@@ -79,20 +95,41 @@ class CheckpointManager:
         return os.path.join(self.output_dir, name)
 
     def save_epoch(self, state, epoch, is_best=False, best_weights=None):
-        """Save the end of ``epoch`` (1-based count of finished epochs); update latest/best; prune."""
-        path = atomic_save(state, self.path(f"epoch_{epoch:04d}.pdckpt"))
-        _atomic_link(path, self.path("latest.pdckpt"))
+        """Save the end of ``epoch`` (1-based count of finished epochs); update latest/best; prune.
+        Returns the checkpoint's path (latest.pdckpt when keep_last is 0). A failed write raises
+        WriteError saying which checkpoint the run can continue from."""
+        with self._explained(f"the checkpoint of epoch {epoch}"):
+            path = atomic_save(state, self.path(f"epoch_{epoch:04d}.pdckpt"))
+            _atomic_link(path, self.path("latest.pdckpt"))
         if is_best:
-            _atomic_link(path, self.path("best.pdckpt"))
-            if best_weights is not None:
-                atomic_save(best_weights, self.path("best_model.pdparams"))
-                _save_safetensors(best_weights, self.path("best_model.safetensors"), state, epoch)
+            with self._explained(f"the best weights of epoch {epoch}", saved=True):
+                _atomic_link(path, self.path("best.pdckpt"))
+                if best_weights is not None:
+                    atomic_save(best_weights, self.path("best_model.pdparams"))
+                    _save_safetensors(best_weights, self.path("best_model.safetensors"), state, epoch)
         self._prune()
-        return path
+        return path if os.path.exists(path) else self.path("latest.pdckpt")
 
     def save_latest(self, state):
         """Save a mid-epoch state (interrupt) as latest only."""
-        return atomic_save(state, self.path("latest.pdckpt"))
+        with self._explained("the interrupted epoch"):
+            return atomic_save(state, self.path("latest.pdckpt"))
+
+    @contextlib.contextmanager
+    def _explained(self, what, saved=False):
+        """A failed write (WriteError: disk full, ...) also says what was not saved and where the run can
+        continue from; ``saved``: latest.pdckpt already holds this epoch."""
+        try:
+            yield
+        except WriteError as e:
+            latest = self.path("latest.pdckpt")
+            if saved:
+                kept = f"{latest} holds this epoch: continue from it with --resume"
+            elif os.path.exists(latest):
+                kept = f"{latest}, saved before, is intact: continue from it with --resume"
+            else:
+                kept = "no checkpoint of this run was saved yet"
+            raise WriteError(f"{e}; the run stopped without saving {what}: {kept}") from None
 
     def _prune(self):
         files = sorted(glob.glob(self.path("epoch_*.pdckpt")),
@@ -108,6 +145,8 @@ def _save_safetensors(weights, path, state, epoch):
     config = state.get("config") if isinstance(state, dict) else None
     best = (state.get("best") or {}) if isinstance(state, dict) else {}
     meta = weights_metadata(weights, (config or {}).get("model"), epoch=epoch, which=best.get("which", "model"))
+    if isinstance(state, dict) and state.get("classes"):
+        meta["classes"] = json.dumps(state["classes"])
     write_safetensors(weights, path, meta)
 
 
@@ -181,9 +220,10 @@ class Progress:
     best: Optional[dict] = None
 
 
-def training_state(model, optimizer_step, ema, progress, cfg, world_size):
+def training_state(model, optimizer_step, ema, progress, cfg, world_size, classes=None):
     """The checkpoint dict of a run: ``model`` unwrapped, ``optimizer_step`` an OptimizerStep,
-    ``ema`` a ModelEma or None, ``progress`` a Progress, ``cfg`` the resolved config."""
+    ``ema`` a ModelEma or None, ``progress`` a Progress, ``cfg`` the resolved config, ``classes`` the
+    training set's class names in label order (evaluation checks its folders against them)."""
     scaler = optimizer_step.scaler
     return {
         "model": model.state_dict(),
@@ -194,7 +234,7 @@ def training_state(model, optimizer_step, ema, progress, cfg, world_size):
         "global_step": progress.global_step, "best": progress.best,
         "sampler": {"epoch": progress.epoch, "batch": progress.batch, "seed": cfg["seed"],
                     "world_size": world_size, "batch_size": cfg["data"]["train"]["batch_size"]},
-        "rng": rng_state(), "config": cfg,
+        "rng": rng_state(), "config": cfg, "classes": classes,
     }
 
 

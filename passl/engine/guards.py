@@ -7,53 +7,117 @@ The non-finite and stop flags stay on the device during training; ``RunFlags.syn
 """
 import contextlib
 import os
+import re
 import shutil
 import signal
 
 import numpy as np
 import paddle
 
-from passl.errors import PasslError
+from passl.errors import PasslError, WriteError
 from passl.utils import distributed as du
+from passl.utils.fileio import (DirectoryLock, ensure_writable_dir, format_bytes, move_aside,
+                                remove_stale_temporaries)
 
-__all__ = ["prepare_output_dir", "check_disk", "RunFlags", "NonFiniteLoss", "Interrupted", "stop_on_signals",
-           "explain_failure"]
+__all__ = ["claim_output_dir", "run_files", "disk_need", "check_disk", "RunFlags", "NonFiniteLoss", "Interrupted",
+           "stop_on_signals", "explain_failure"]
 
 _NO_BAD_STEP = 2 ** 62
 # Words in the errors Paddle's collectives raise when another rank has gone away
 _PEER_LOST = ("TIMEOUT", "Timeout", "timed out", "Connection", "connection", "NCCL", "gloo", "closed")
 
 
-def prepare_output_dir(output_dir, main=True, fresh=True):
-    """Create ``output_dir`` and prove it writable (main process only). ``fresh``: a new run, so
-    the metrics.jsonl of an earlier one is removed."""
+# the files that hold a run's progress: a fresh run never starts over them
+RUN_FILES = ("metrics.jsonl", "latest.pdckpt", "best.pdckpt", "best_model.pdparams", "best_model.safetensors")
+_EPOCH_FILE = re.compile(r"^epoch_\d+\.pdckpt$")
+SLACK = 64 << 20   # logs, config.yaml, VisualDL records
+
+
+def run_files(output_dir):
+    """The names of the files in ``output_dir`` that hold a run's progress (checkpoints, metrics)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir) if n in RUN_FILES or _EPOCH_FILE.match(n))
+
+
+@contextlib.contextmanager
+def claim_output_dir(output_dir, main=True, resume=False, overwrite=False, log=print):
+    """Hold ``output_dir`` for one training run (main process; the others do nothing): a lock that the
+    OS releases when the process ends however it ends, so no two runs ever write into one folder.
+
+    A fresh run (not ``resume``) never starts over a run's files (``run_files``): it stops naming
+    --resume and --overwrite, or, with ``overwrite``, renames the old folder to
+    ``output_dir.old-<time>`` and starts in a new one. Temporaries of writes killed half-way are removed.
+    """
     if not main:
+        yield None
         return
+    ensure_writable_dir(output_dir, "output_dir", "-o output_dir=...")
+    lock = DirectoryLock(output_dir, "training run", "output_dir").acquire()
     try:
-        os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PasslError(f"output_dir {output_dir} is not writable ({e.strerror}); "
-                         "pick another with -o output_dir=...") from None
-    if fresh and os.path.exists(os.path.join(output_dir, "metrics.jsonl")):
-        os.remove(os.path.join(output_dir, "metrics.jsonl"))
+        existing = [] if resume else run_files(output_dir)
+        if existing and not overwrite:
+            shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+            raise PasslError(f"output_dir {output_dir} holds a run ({shown}): continue it with --resume, or pass "
+                             f"--overwrite to move it to {os.path.normpath(output_dir)}.old-<time> and start anew, "
+                             "or choose another output_dir with -o output_dir=...")
+        if existing:
+            moved = move_aside(output_dir)      # under the lock: no run of that folder is going on
+            lock.release(moved_to=moved)
+            log(f"--overwrite: moved the earlier run in {output_dir} to {moved}")
+            ensure_writable_dir(output_dir, "output_dir", "-o output_dir=...")
+            lock = DirectoryLock(output_dir, "training run", "output_dir").acquire()
+        removed = remove_stale_temporaries(output_dir)
+        if removed:
+            size = format_bytes(sum(n for _, n in removed))
+            log(f"removed {len(removed)} temporary file(s) of an interrupted write ({size}): "
+                f"{', '.join(os.path.basename(p) for p, _ in removed[:3])}")
+        lock.describe()
+        yield lock
+    finally:
+        lock.release()
 
 
-def check_disk(output_dir, model, with_ema, main=True):
-    """Refuse to start when ``output_dir`` cannot hold two checkpoints and some slack (main process)."""
+def disk_need(model, with_ema, keep_last):
+    """Bytes a run's files take at their peak, estimated from ``model`` (float32 weights):
+    {checkpoint, weights, checkpoints (how many exist at once), peak}.
+
+    A checkpoint holds the model, Adam's two moments and the EMA. At the peak, a new epoch checkpoint is
+    written while ``keep_last`` others (at least 1: latest), and the best one, still exist; the best weights
+    are written twice (.pdparams, .safetensors), one of them into a temporary beside the old file."""
+    weights = sum(int(np.prod(p.shape)) for p in model.parameters()) * 4
+    checkpoint = weights * (4 if with_ema else 3)
+    count = max(keep_last, 1) + 2
+    return {"checkpoint": checkpoint, "weights": weights, "checkpoints": count,
+            "peak": count * checkpoint + 3 * weights + SLACK}
+
+
+def _bytes_held(output_dir):
+    """Bytes the run files in ``output_dir`` hold already (hard links counted once)."""
+    inodes = {}
+    for name in run_files(output_dir):
+        with contextlib.suppress(OSError):
+            info = os.stat(os.path.join(output_dir, name))
+            inodes[info.st_ino] = info.st_size
+    return sum(inodes.values())
+
+
+def check_disk(output_dir, model, with_ema, keep_last=3, main=True):
+    """Refuse to start when ``output_dir`` cannot hold the run's files at their peak (``disk_need``),
+    counting what its run files (on --resume) hold already. Main process only."""
     if not main:
         return
-    numel = sum(int(np.prod(p.shape)) for p in model.parameters())
-    per_checkpoint = numel * 4 * (4 if with_ema else 3)   # model, Adam m and v, EMA
-    need = 2 * per_checkpoint + (64 << 20)
+    need = disk_need(model, with_ema, keep_last)
+    more = need["peak"] - _bytes_held(output_dir)
     free = shutil.disk_usage(output_dir).free
-    if free < need:
-        raise PasslError(f"output_dir {output_dir} has {free / 2**30:.2f} GiB free; a checkpoint needs "
-                         f"~{per_checkpoint / 2**30:.2f} GiB and two must fit while one is replaced. "
-                         "Free some space or choose another output_dir.")
+    if free < more:
+        checkpoint, weights = format_bytes(need["checkpoint"]), format_bytes(need["weights"])
+        raise WriteError(
+            f"output_dir {output_dir} has {format_bytes(free)} free; this run needs {format_bytes(more)} more at "
+            f"its peak: {need['checkpoints']} checkpoints of ~{checkpoint} (train.keep_last {keep_last}, the one "
+            f"being written and the best), best_model.pdparams and .safetensors of ~{weights} each (and one more "
+            f"while replaced) and {format_bytes(SLACK)} for logs. Free space, lower train.keep_last, or choose "
+            "another output_dir")
 
 
 class NonFiniteLoss(Exception):
@@ -141,23 +205,36 @@ def stop_on_signals(flags, log):
 
 @contextlib.contextmanager
 def explain_failure(log):
-    """With several processes, log which rank failed, or that it lost its peers (then another rank
-    died first), before the exception propagates. A PasslError already explains itself."""
+    """With several processes, say which rank failed, or that it lost its peers (then another rank died
+    first). Losing the peers becomes a PasslError (one line, no traceback: the cause is elsewhere); a
+    rank's own failure is logged and propagates with its traceback. A PasslError explains itself.
+
+    What this cannot reach: when the peer dies while this rank waits inside a collective run by Paddle's
+    C++ threads (the gradient all-reduce of the backward pass), gloo and NCCL abort the process
+    ("terminate called after throwing an instance of 'gloo::TimeoutException'") before Python sees an
+    error; README "Troubleshooting" says what a user then sees."""
     try:
         yield
     except PasslError:
         raise
     except Exception as e:
         if du.world_size() > 1:
-            log.error(failure_message(e, du.rank(), du.world_size()))
+            message = failure_message(e, du.rank(), du.world_size())
+            if _lost_peer(e):
+                raise PasslError(message) from None
+            log.error(message)
         raise
+
+
+def _lost_peer(error):
+    return any(word in str(error) for word in _PEER_LOST)
 
 
 def failure_message(error, rank, world_size):
     """One line for the launcher's log of ``rank``: its own failure, or the lost contact with its peers."""
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else ""
-    if any(word in text for word in _PEER_LOST):
+    if _lost_peer(error):
         return (f"rank {rank} of {world_size}: lost contact with the other processes "
                 f"({type(error).__name__}: {first_line}); another rank probably died first - its "
                 "error is in the launcher's log directory (log/workerlog.<rank> by default)")

@@ -10,7 +10,7 @@ import time
 import paddle
 
 from passl.utils import distributed as du
-from passl.utils.fileio import write_text
+from passl.utils.fileio import write_text, writing
 
 __all__ = ["setup_logger", "MetricsWriter", "DeviceMeter", "EpochReport", "format_eta", "progress_bar",
            "format_step_line", "format_epoch_line", "report_bad_images"]
@@ -32,7 +32,7 @@ def setup_logger(output_dir=None, main_process=True, name="passl"):
         logger.addHandler(console)
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
-            file_handler = logging.FileHandler(os.path.join(output_dir, "train.log"), encoding="utf-8")
+            file_handler = _LogFile(os.path.join(output_dir, "train.log"), encoding="utf-8")
             file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             logger.addHandler(file_handler)
     else:
@@ -41,6 +41,20 @@ def setup_logger(output_dir=None, main_process=True, name="passl"):
         errors.setFormatter(logging.Formatter(f"[rank {du.rank()}] %(message)s"))
         logger.addHandler(errors)
     return logger
+
+
+class _LogFile(logging.FileHandler):
+    """train.log: a line that cannot be written (disk full) is reported once, in one line, not as a
+    traceback per log record; the console keeps every line."""
+
+    failed = False
+
+    def handleError(self, record):
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"warning: cannot write {self.baseFilename} ({getattr(error, 'strerror', None) or error}); "
+                  "log lines go to the console only from now on", file=sys.stderr, flush=True)
 
 
 class MetricsWriter:
@@ -68,7 +82,7 @@ class MetricsWriter:
         """Append one JSON object for a finished epoch."""
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         self.scalars({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"},
                      record["epoch"], prefix="epoch/")

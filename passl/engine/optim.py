@@ -5,11 +5,13 @@ Parameter groups: no weight decay on 1-D parameters (norm scales, biases) and on
 and is scaled linearly to the actual global batch. Schedules are pure functions of the global step,
 so resuming needs no scheduler state.
 """
+import functools
 import math
 
 import paddle
 
 from passl.errors import ConfigError
+from passl.ranges import NonNegativeFloat, PositiveFloat, ranged
 from passl.registry import LR_SCHEDULES, OPTIMIZERS
 
 __all__ = ["split_decay_groups", "scale_lr", "build_optimizer", "AdamW", "WarmupCosine", "Constant",
@@ -52,19 +54,19 @@ def scale_lr(lr, reference_batch, global_batch):
 
 
 @OPTIMIZERS.register()
-def AdamW(parameters=None, apply_decay_param_fun=None, grad_clip=None, multi_precision=False,
-          lr: float = 1.6e-3, reference_batch: int = 1024, beta1: float = 0.9, beta2: float = 0.999,
-          epsilon: float = 1e-8, weight_decay: float = 0.05):
-    """Paddle AdamW with decoupled weight decay.
+def AdamW(lr: PositiveFloat = 1.6e-3, reference_batch: ranged(int, 0, note="0: the lr is used as it is") = 1024,
+          beta1: ranged(float, 0, 1, high_open=True) = 0.9, beta2: ranged(float, 0, 1, high_open=True) = 0.999,
+          epsilon: PositiveFloat = 1e-8, weight_decay: NonNegativeFloat = 0.05):
+    """Paddle AdamW with decoupled weight decay; every argument is a config key.
 
-    Config keys: ``lr`` (for ``reference_batch`` images per optimizer step; ``build_optimizer``
-    passes the already-scaled lr here), ``reference_batch`` (0 = do not scale), ``beta1``, ``beta2``,
-    ``epsilon``, ``weight_decay``. The other arguments are filled in by ``build_optimizer``.
+    ``lr`` is for ``reference_batch`` images per optimizer step (``build_optimizer`` passes the lr
+    already scaled to the global batch); ``reference_batch`` 0 means no scaling. Returns
+    ``make(parameters, apply_decay_param_fun, grad_clip, multi_precision) -> paddle.optimizer.AdamW``:
+    what the optimizer works on, which parameters decay, clipping (``train.grad_clip``) and float32
+    master weights (``amp.level: O2``) are the trainer's to give, not config keys.
     """
-    return paddle.optimizer.AdamW(learning_rate=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
-                                  parameters=parameters, weight_decay=weight_decay,
-                                  apply_decay_param_fun=apply_decay_param_fun, grad_clip=grad_clip,
-                                  multi_precision=multi_precision)
+    return functools.partial(paddle.optimizer.AdamW, learning_rate=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
+                             weight_decay=weight_decay)
 
 
 def build_optimizer(opt_cfg, model, global_batch, grad_clip=None, multi_precision=False, log=print):
@@ -83,10 +85,11 @@ def build_optimizer(opt_cfg, model, global_batch, grad_clip=None, multi_precisio
             f"{base_lr:.4g} for the global batch of {global_batch}; weight decay on {len(decay)} tensors, "
             f"none on {len(no_decay)}")
     cfg["lr"] = base_lr
-    clip = paddle.nn.ClipGradByGlobalNorm(grad_clip) if grad_clip else None
-    params = [by_name[n] for n in decay + no_decay]
-    optimizer = OPTIMIZERS.build(cfg, parameters=params, apply_decay_param_fun=lambda n: n in decay_ids,
-                                 grad_clip=clip, multi_precision=multi_precision)
+    make = OPTIMIZERS.build(cfg)
+    optimizer = make(parameters=[by_name[n] for n in decay + no_decay],
+                     apply_decay_param_fun=lambda n: n in decay_ids,
+                     grad_clip=paddle.nn.ClipGradByGlobalNorm(grad_clip) if grad_clip else None,
+                     multi_precision=multi_precision)
     return optimizer, base_lr
 
 
@@ -133,8 +136,9 @@ class WarmupCosine(_Schedule):
     cosine begin where the warm-up ends. ``per_iteration`` False steps the lr once per epoch.
     """
 
-    def __init__(self, warmup_epochs: float = 5.0, warmup_lr: float = 1e-6, min_lr: float = 1e-5,
-                 cooldown_epochs: float = 10.0, per_iteration: bool = True, warmup_prefix: bool = False):
+    def __init__(self, warmup_epochs: NonNegativeFloat = 5.0, warmup_lr: NonNegativeFloat = 1e-6,
+                 min_lr: NonNegativeFloat = 1e-5, cooldown_epochs: NonNegativeFloat = 10.0, per_iteration: bool = True,
+                 warmup_prefix: bool = False):
         super().__init__(warmup_epochs, warmup_lr, per_iteration)
         self.min_lr, self.cooldown_epochs, self.warmup_prefix = min_lr, cooldown_epochs, warmup_prefix
 
@@ -150,7 +154,8 @@ class WarmupCosine(_Schedule):
 class Constant(_Schedule):
     """The base lr throughout, after an optional linear warm-up from ``warmup_lr`` (fine-tuning)."""
 
-    def __init__(self, warmup_epochs: float = 0.0, warmup_lr: float = 1e-6, per_iteration: bool = True):
+    def __init__(self, warmup_epochs: NonNegativeFloat = 0.0, warmup_lr: NonNegativeFloat = 1e-6,
+                 per_iteration: bool = True):
         super().__init__(warmup_epochs, warmup_lr, per_iteration)
 
     def after_warmup(self, t):

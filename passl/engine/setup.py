@@ -16,17 +16,19 @@ from paddle.base import unique_name
 import passl
 from passl.config import dump_config
 from passl.data import build_dataset, collate_fn
+from passl.data.datasets import check_same_classes
 from passl.data.loader import Loader, build_loader
 from passl.engine.amp import AmpSettings, resolve_amp
 from passl.engine.checkpoint import (CheckpointManager, Progress, check_resumable, find_latest, load_file,
                                      restore_training_state, training_state)
 from passl.engine.ema import ModelEma
-from passl.engine.guards import RunFlags, check_disk, prepare_output_dir
+from passl.engine.guards import RunFlags, check_disk
 from passl.engine.logging import MetricsWriter, setup_logger
 from passl.engine.optim import build_lr_schedule, build_optimizer
 from passl.engine.step import OptimizerStep
 from passl.errors import ConfigError
 from passl.utils import distributed as du
+from passl.utils.fileio import ensure_writable_dir
 
 __all__ = ["Session", "start_session", "build_model", "build_split_loader", "Run", "build_run"]
 
@@ -49,11 +51,11 @@ class Session:
     def output_dir(self):
         return self.cfg["output_dir"]
 
-    def use_output_dir(self, fresh):
-        """Create output_dir, prove it writable and log into its train.log (main process).
-        ``fresh``: a new run, which starts a new metrics.jsonl."""
-        prepare_output_dir(self.output_dir, self.main, fresh)
+    def use_output_dir(self):
+        """Create output_dir, prove it writable and log into its train.log (main process). Whether a
+        training run may write there is guards.claim_output_dir's to say."""
         if self.main:
+            ensure_writable_dir(self.output_dir, "output_dir", "-o output_dir=...")
             setup_logger(self.output_dir, True)
 
 
@@ -87,9 +89,10 @@ def build_split_loader(session, split, model):
 
 def _load_weights(model, path, reinit_head, log):
     """Load initial weights from ``path`` (any format load_pretrained reads; from a .pdckpt, the EMA or
-    model weights its ``best`` record names). Returns which: 'weights', 'model' or 'ema'."""
+    model weights its ``best`` record names). Returns load_pretrained's report (which: 'weights',
+    'model' or 'ema'; classes: the training classes the file records, or None)."""
     from passl.models import load_pretrained
-    return load_pretrained(model, path, allow_new_head=reinit_head, log=log)["which"]
+    return load_pretrained(model, path, allow_new_head=reinit_head, log=log)
 
 
 @dataclasses.dataclass
@@ -128,21 +131,22 @@ class Run:
     def state(self):
         """The checkpoint dict of the run as it stands."""
         return training_state(self.raw_model, self.optimizer_step, self.ema, self.progress, self.cfg,
-                              self.session.world_size)
+                              self.session.world_size, classes=list(self.train_loader.dataset.source.classes))
 
 
 def build_run(session, load=None, resume=None):
     """Build the run of ``session.cfg``: fresh, from the weights file ``load``, or continuing the
     checkpoint ``resume`` (a path, or 'auto': the newest in output_dir), which wins over ``load``."""
     cfg, log = session.cfg, session.log
-    session.use_output_dir(fresh=not resume)
+    session.use_output_dir()
     resume = find_latest(session.output_dir) if resume == "auto" else resume
     ckpt = load_file(resume) if resume else None
     if ckpt is not None:
         check_resumable(ckpt, resume, session.world_size, cfg["data"]["train"]["batch_size"])
+        _check_epochs_left(ckpt, resume, cfg["epochs"])
     paddle.seed(cfg["seed"])                     # identical initial weights on every rank
     model = build_model(cfg)
-    check_disk(session.output_dir, model, cfg["ema"]["enable"], session.main)
+    check_disk(session.output_dir, model, cfg["ema"]["enable"], cfg["train"]["keep_last"], session.main)
     train_loader, val_loader = _build_loaders(session, model)
     load = load or cfg["train"].get("load")
     if ckpt is None and load:
@@ -174,15 +178,26 @@ def build_run(session, load=None, resume=None):
     return run
 
 
+def _check_epochs_left(ckpt, path, epochs):
+    """A checkpoint that has finished ``epochs`` or more has nothing left to train."""
+    if ckpt["epoch"] >= epochs:
+        raise ConfigError(f"--resume {path}: that run has finished {ckpt['epoch']} epochs and epochs is {epochs}; "
+                          f"nothing is left to train. Set a larger epochs (e.g. -o epochs={ckpt['epoch'] + 10}) to "
+                          "train further")
+
+
 def _build_loaders(session, model):
-    """The train loader and the val loader (None without validation data); accum_steps checked."""
+    """The train loader and the val loader (None without validation data), with the same classes."""
     train_loader = build_split_loader(session, "train", model)
     if train_loader is None:
         raise ConfigError("data.train.dataset is not set; add it to the config (see configs/lvvit/)")
     val_loader = build_split_loader(session, "val", model)
-    accum = session.cfg["train"]["accum_steps"]
-    if accum < 1:
-        raise ConfigError(f"train.accum_steps must be >= 1, got {accum}")
+    if val_loader is not None:
+        train, val = train_loader.dataset.source, val_loader.dataset.source
+        check_same_classes(val.classes, train.classes, f"data.val.dataset ({val.root})",
+                           f"data.train.dataset ({train.root})",
+                           "make the class folders match, or give both datasets the same class_names list "
+                           "(a class missing from the validation set is then fine)")
     return train_loader, val_loader
 
 

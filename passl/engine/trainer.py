@@ -19,11 +19,12 @@ import paddle
 
 from passl.engine.amp import resolve_amp
 from passl.engine.evaluate import evaluate, pick_best
-from passl.engine.guards import (Interrupted, NonFiniteLoss, explain_failure, nonfinite_message,
+from passl.engine.guards import (Interrupted, NonFiniteLoss, claim_output_dir, explain_failure, nonfinite_message,
                                  stop_on_signals)
 from passl.engine.logging import EpochReport, format_epoch_line, format_eta, progress_bar, report_bad_images
 from passl.engine.setup import _load_weights, build_model, build_run, build_split_loader, start_session
-from passl.errors import ConfigError
+from passl.data.datasets import check_same_classes
+from passl.errors import ConfigError, DataError
 from passl.utils.fileio import write_text
 
 __all__ = ["train", "evaluate_only", "fit", "train_one_epoch", "train_step", "end_epoch", "step_seed"]
@@ -31,21 +32,30 @@ __all__ = ["train", "evaluate_only", "fit", "train_one_epoch", "train_step", "en
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 
-def train(cfg, load=None, resume=None):
+def train(cfg, load=None, resume=None, overwrite=False):
     """Train the model of ``cfg`` (a resolved config) for ``cfg['epochs']`` epochs.
 
     ``load``: initial weights; ``resume``: a checkpoint path or 'auto' (the newest in output_dir).
+    The run holds output_dir (guards.claim_output_dir): a fresh run over an earlier one's checkpoints
+    stops unless ``overwrite``, which moves the earlier run to ``output_dir.old-<time>``.
     Ctrl-C or SIGTERM stops after the current step with a resumable checkpoint.
     Returns 0, 1 (non-finite loss) or 130 (interrupted).
     """
     session = start_session(cfg)
-    with explain_failure(session.log):
+    continuing = resume == "auto" or bool(resume) and _same_dir(resume, session.output_dir)
+    with explain_failure(session.log), claim_output_dir(session.output_dir, session.main, continuing, overwrite,
+                                                        session.log.info):
         run = build_run(session, load, resume)
         with run.metrics, stop_on_signals(run.flags, session.log):
             status = fit(run)
         if status == EXIT_OK:
             report_bad_images(run.datasets(), session.output_dir, session.log, session.main)
         return status
+
+
+def _same_dir(path, directory):
+    """Whether the file ``path`` lies in ``directory`` (then --resume continues the run kept there)."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(directory)
 
 
 def fit(run):
@@ -164,6 +174,20 @@ def _evaluate_epoch(run, record):
     return top1
 
 
+def _check_eval_classes(source, num_classes, weights, recorded):
+    """The validation folder's classes must be those the weights were trained on: the list the file records
+    (``recorded``, from a trainer checkpoint or best_model.safetensors), else as many as the model has outputs."""
+    fix = ("give data.val.dataset.class_names the training classes in training order (a class with no images is "
+           "then fine)")
+    if recorded is not None:
+        check_same_classes(source.classes, recorded, f"data.val.dataset ({source.root})",
+                           f"the training set recorded in {weights}", fix)
+    elif len(source.classes) != num_classes:
+        raise DataError(f"data.val.dataset ({source.root}) has {len(source.classes)} classes but the model has "
+                        f"{num_classes} outputs and {weights} does not record its class names, so labels cannot be "
+                        f"matched by name; {fix}")
+
+
 def evaluate_only(cfg, weights):
     """Evaluate ``weights`` (a weights file or a checkpoint, see setup._load_weights) on the validation
     set of ``cfg``. Prints one line and writes output_dir/eval.json (main process).
@@ -172,13 +196,16 @@ def evaluate_only(cfg, weights):
     every process.
     """
     session = start_session(cfg)
-    session.use_output_dir(fresh=False)
+    session.use_output_dir()
     paddle.seed(cfg["seed"])
     model = build_model(cfg)
-    which = _load_weights(model, weights, cfg["train"]["reinit_head"], session.log.info)
+    report = _load_weights(model, weights, cfg["train"]["reinit_head"], session.log.info)
+    which = report["which"]
     val_loader = build_split_loader(session, "val", model)
     if val_loader is None:
         raise ConfigError("--evaluate-only needs data.val.dataset in the config")
+    _check_eval_classes(val_loader.dataset.source, model.num_classes, weights,
+                        None if report["reinitialized"] else report["classes"])
     amp = resolve_amp(cfg["amp"], session.device, log=session.log.info)
     started = time.time()
     bar = progress_bar(len(val_loader), "eval", session.main)

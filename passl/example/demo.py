@@ -9,8 +9,10 @@ Steps, each through the toolkit's own entry points (what a user runs by hand):
    (configs/example/lvvit_digits_tl.yaml) and with the class token only (lvvit_digits_cls.yaml);
 5. evaluate both final models on the validation set and print a two-row table.
 
-Everything goes under ``out_dir`` (default output/demo); ``results.json`` keeps the numbers.
+Everything goes under ``out_dir`` (default output/demo); ``results.json`` keeps the numbers. Each run of
+the demo starts anew: an earlier demo's ``out_dir`` is moved to ``out_dir.old-<time>``, nothing is deleted.
 """
+import contextlib
 import json
 import os
 import time
@@ -55,14 +57,42 @@ def run_demo(data_dir="data/digit_scenes", out_dir="output/demo", train_per_clas
     ImageNet layout; the image size comes from its meta.json, else 80x64).
     Returns {"rows": [{method, top1, top5, seconds, output_dir, weights}], "annotator": {...}, "labels": {...},
     "dataset": {...}, "seconds"}; results.json holds the same."""
+    start = time.time()
+    data_dir, out_dir = os.path.abspath(data_dir), os.path.abspath(out_dir)
+    if os.path.commonpath([data_dir, out_dir]) in (data_dir, out_dir):
+        from passl.errors import ConfigError
+        raise ConfigError(f"--data {data_dir} and --out {out_dir} must not contain one another: each demo run "
+                          "starts in an empty --out; choose folders side by side")
+    with _fresh_dir(out_dir, log):
+        return _run_demo(start, data_dir, out_dir, train_per_class, val_per_class, annotator_epochs, lvvit_epochs,
+                         force_data, build_data, progress, log)
+
+
+@contextlib.contextmanager
+def _fresh_dir(out_dir, log):
+    """Hold ``out_dir`` (one demo at a time) after moving an earlier demo's files to ``out_dir.old-<time>``."""
+    from passl.utils.fileio import DirectoryLock, move_aside
+    lock = DirectoryLock(out_dir, "demo", "--out").acquire()
+    try:
+        if any(name != DirectoryLock.NAME for name in os.listdir(out_dir)):
+            moved = move_aside(out_dir)
+            lock.release(moved_to=moved)
+            log(f"moved the earlier demo in {out_dir} to {moved} (delete it when you no longer need it)")
+            lock = DirectoryLock(out_dir, "demo", "--out").acquire()
+        lock.describe()
+        yield
+    finally:
+        lock.release()
+
+
+def _run_demo(start, data_dir, out_dir, train_per_class, val_per_class, annotator_epochs, lvvit_epochs, force_data,
+              build_data, progress, log):
     from passl.annotate import build_cnn_annotator, generate_label_maps, list_images
     from passl.config import load_config
     from passl.example.scenes import build_digit_scenes, read_meta
     from passl.utils.distributed import select_device
     from passl.utils.fileio import write_text
 
-    start = time.time()
-    data_dir, out_dir = os.path.abspath(data_dir), os.path.abspath(out_dir)
     _banner(log, "1/4 example dataset")
     if build_data:
         counts = {k: v for k, v in (("train_per_class", train_per_class), ("val_per_class", val_per_class)) if v}

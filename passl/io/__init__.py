@@ -14,14 +14,13 @@ checks it against the suffix: a file that is not what its name says is an error,
 Arrays come back as numpy arrays; conversion to paddle tensors happens where a model needs them.
 """
 import os
-import zipfile
 from typing import Callable, NamedTuple, Tuple
 
 import numpy as np
 
 from passl.errors import CheckpointError
 from passl.io.paddle_pickle import PaddleGeneratorState, read_paddle, write_paddle
-from passl.io.pth import is_torch_legacy, load_pth, save_pth
+from passl.io.pth import is_torch_legacy, is_zip, load_pth, save_pth
 from passl.io.safetensors_io import read_safetensors, safetensors_metadata, write_safetensors
 
 __all__ = ["FORMATS", "Format", "read_state", "format_of", "write_weights", "load_pth", "save_pth", "read_paddle",
@@ -62,7 +61,7 @@ def _formats_by_content(path):
     """The formats whose layout the file's first bytes match (a pickle: torch < 1.6 or Paddle)."""
     with open(path, "rb") as f:
         head = f.read(16)
-    if head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(path) or is_torch_legacy(head):
+    if head.startswith(b"PK\x03\x04") or is_zip(path) or is_torch_legacy(head):
         return (FORMATS["pytorch"],)
     if head.startswith(b"\x93NUMPY"):
         return (FORMATS["npy"],)
@@ -78,6 +77,8 @@ def format_of(path):
 
     CheckpointError when the file is missing, is no known format, or is not what its suffix says."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; name a weights or checkpoint file in it (e.g. latest.pdckpt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found")
     named, content = _format_by_suffix(path), _formats_by_content(path)

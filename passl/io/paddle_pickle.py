@@ -189,10 +189,11 @@ def _arrays_to_tensors(obj):
     return obj
 
 
-def write_paddle(obj, path):
-    """``paddle.save(obj, path)`` through a temporary file and a rename: a crash leaves the old file.
+def write_paddle(obj, path, needed=None):
+    """``paddle.save(obj, path)`` through a temporary file and a rename: a crash leaves the old file, a
+    failed write (disk full: ``needed`` bytes, for the message) raises WriteError naming it.
     Writing is safe; :func:`read_paddle` reads the result back."""
     import paddle
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed) as tmp:
         paddle.save(obj, tmp)
     return path

@@ -25,6 +25,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from passl.io.unpickle import (CONTAINER_GLOBALS, NUMPY_GLOBALS, Placeholder, re
                                restricted_load)
 from passl.utils.fileio import atomic_path
 
-__all__ = ["load_pth", "save_pth", "is_torch_legacy", "LEGACY_MAGIC"]
+__all__ = ["load_pth", "save_pth", "is_torch_legacy", "is_zip", "LEGACY_MAGIC"]
 
 # torch storage class name -> numpy dtype (little-endian); bfloat16 is widened to float32 on reading
 _STORAGE_DTYPES = {
@@ -266,7 +267,7 @@ def load_pth(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found")
-    if zipfile.is_zipfile(path):
+    if is_zip(path):
         return _load_zip(path)
     with open(path, "rb") as f:
         head = f.read(512)
@@ -278,11 +279,28 @@ def load_pth(path):
     raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
 
 
+# what zipfile raises for a damaged archive (bad headers, CRC, offsets, compression, names)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, struct.error,
+               UnicodeDecodeError, RuntimeError)   # RuntimeError: "encrypted, password required"
+
+
+def is_zip(path):
+    """zipfile.is_zipfile, which lets some errors of a damaged archive through: those mean yes, a damaged one."""
+    try:
+        return zipfile.is_zipfile(path)
+    except _ZIP_ERRORS:
+        return True
+
+
 def _load_zip(path):
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: cannot open the zip archive ({e})") from None
+        return _read_zip(path)
+    except _ZIP_ERRORS as e:
+        raise CheckpointError(f"{path}: damaged zip archive ({type(e).__name__}: {e}); is the file complete?") from None
+
+
+def _read_zip(path):
+    zf = zipfile.ZipFile(path)
     with zf:
         names = set(zf.namelist())
         pkl = sorted(n for n in names if n.endswith("/data.pkl") and n.count("/") == 1)

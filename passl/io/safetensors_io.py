@@ -56,7 +56,8 @@ def safetensors_metadata(path):
 
 def write_safetensors(state_dict, path, metadata=None):
     """Write ``state_dict`` ({name: numpy array or paddle Tensor}) to ``path`` atomically, with
-    ``metadata`` ({str: value}; values are stored as strings, lists and dicts as JSON)."""
+    ``metadata`` ({str: value}; values are stored as strings, lists and dicts as JSON). A failed write
+    (disk full, read-only folder) raises WriteError naming ``path``."""
     from safetensors.numpy import save_file
     tensors = {}
     for name, value in state_dict.items():
@@ -65,6 +66,6 @@ def write_safetensors(state_dict, path, metadata=None):
             array = array.astype(array.dtype.newbyteorder("<"))
         tensors[str(name)] = array if array.flags.c_contiguous else np.array(array, order="C")
     text = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sum(t.nbytes for t in tensors.values())) as tmp:
         save_file(tensors, tmp, metadata=text)
     return path

@@ -21,10 +21,14 @@ from paddle.autograd import PyLayer
 
 from passl.errors import ModelOutputError
 from passl.models.outputs import TokenLabelOutput
+from passl.ranges import NonNegativeFloat, ranged
 from passl.registry import LOSSES
 
 __all__ = ["TokenLabelCrossEntropy", "SoftTargetCrossEntropy", "class_target", "mix_class_target",
            "dense_token_loss", "soft_cross_entropy"]
+
+
+Smoothing = ranged(float, 0, 1, high_open=True)   # s = 1 would make every target uniform
 
 
 def _checked(outputs, loss_name):
@@ -153,8 +157,8 @@ class TokenLabelCrossEntropy(paddle.nn.Layer):
     ground_truth: blend the cls target with the image label (reference flag, off by default).
     """
 
-    def __init__(self, cls_weight: float = 1.0, dense_weight: float = 1.0, smoothing: float = 0.1,
-                 ground_truth: bool = False):
+    def __init__(self, cls_weight: NonNegativeFloat = 1.0, dense_weight: NonNegativeFloat = 1.0,
+                 smoothing: Smoothing = 0.1, ground_truth: bool = False):
         super().__init__()
         self.cls_weight, self.dense_weight = cls_weight, dense_weight
         self.smoothing, self.ground_truth = smoothing, ground_truth
@@ -182,7 +186,7 @@ class SoftTargetCrossEntropy(paddle.nn.Layer):
     or the smoothed one-hot label), mixed for MixToken when the TokenLabelOutput carries a mix_box.
     Returns {"loss", "loss_cls"}."""
 
-    def __init__(self, smoothing: float = 0.1):
+    def __init__(self, smoothing: Smoothing = 0.1):
         super().__init__()
         self.smoothing = smoothing
 

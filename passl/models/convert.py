@@ -160,18 +160,36 @@ def _torch_layout_file(path, fmt):
 
 
 def _read_weights(source, ema=False):
-    """(Paddle-layout {key: numpy array}, which) of a path or a dict; see :func:`read_weights`."""
-    torch_file = False
+    """(Paddle-layout {key: numpy array}, which, classes) of a path or a dict; see :func:`read_weights`.
+    ``classes``: the class names the weights were trained on, when the file records them (a trainer
+    checkpoint, best_model.safetensors), else None."""
+    torch_file, classes = False, None
     if isinstance(source, (str, os.PathLike)):
         from passl.io import format_of, read_state
         path = os.fspath(source)
-        torch_file = _torch_layout_file(path, format_of(path))   # BN statistics or not
-        state_dict, which = _find_weights(read_state(path), ema, path)
+        fmt = format_of(path)
+        torch_file = _torch_layout_file(path, fmt)   # BN statistics or not
+        obj = read_state(path)
+        state_dict, which = _find_weights(obj, ema, path)
+        classes = _recorded_classes(obj, path, fmt)
     else:
         state_dict, which = _find_weights(source, ema, "state dict")
     if torch_file or _is_torch_layout(state_dict):
-        return convert_torch_state_dict(state_dict), which
-    return collections.OrderedDict((k, _to_numpy(v)) for k, v in state_dict.items()), which
+        return convert_torch_state_dict(state_dict), which, classes
+    return collections.OrderedDict((k, _to_numpy(v)) for k, v in state_dict.items()), which, classes
+
+
+def _recorded_classes(obj, path, fmt):
+    """The training classes a trainer checkpoint (``classes``) or a .safetensors file (metadata) records."""
+    if fmt.name == "safetensors":
+        from passl.io import safetensors_metadata
+        try:
+            classes = json.loads(safetensors_metadata(path).get("classes", "null"))
+        except ValueError:
+            classes = None
+    else:
+        classes = obj.get("classes") if isinstance(obj, dict) else None
+    return classes if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else None
 
 
 def read_weights(source, ema=False):
@@ -236,12 +254,13 @@ def load_pretrained(model, source, allow_new_head=False, log=print, ema=False):
     with ``allow_new_head`` a head / aux_head of another class count is re-initialised and logged.
     Any other missing, unexpected or shape-mismatched key raises CheckpointError listing them.
     Report: {source, which: 'model' | 'ema' | 'weights', loaded, pos_embed_resized: None or
-    (old_grid, new_grid), reinitialized: [keys]}.
+    (old_grid, new_grid), reinitialized: [keys], classes: the class names the file records (None if none)}.
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state dict"
-    weights, which = _read_weights(source, ema)
+    weights, which, classes = _read_weights(source, ema)
     targets = model.state_dict()
-    report = {"source": name, "which": which, "loaded": 0, "pos_embed_resized": None, "reinitialized": []}
+    report = {"source": name, "which": which, "loaded": 0, "pos_embed_resized": None, "reinitialized": [],
+              "classes": classes}
 
     if hasattr(model, "complete_weights"):   # a model that fills keys its family's foreign checkpoints lack
         weights = model.complete_weights(weights, log=lambda message: log(f"{name}: {message}"))
@@ -308,7 +327,7 @@ def convert_checkpoint(src, dst, ema=False, img_size=None, force=False, log=prin
     from passl.io import write_weights
     if os.path.exists(dst) and not force:
         raise CheckpointError(f"{dst} exists; pass --force to overwrite it")
-    weights, which = _read_weights(src, ema)
+    weights, which, _ = _read_weights(src, ema)
     variant, size = detect_variant(weights)
     patch = size // pos_embed_grid(weights["pos_embed"].shape)[0]
     if img_size is not None and img_size != size:

@@ -18,6 +18,7 @@ from passl.errors import ConfigError
 from passl.models.layers import (Attention, Block, ConvStem, DropPath, Mlp, PatchConv,  # noqa: F401 (re-exported)
                                  _linear, _trunc_normal, box_mask, draw_mix_box, mix_tokens)
 from passl.models.outputs import TokenLabelOutput
+from passl.ranges import DropRate, NonNegativeFloat, PositiveFloat, PositiveInt
 from passl.registry import MODELS
 
 __all__ = ["LVViT", "ConvStem", "PatchConv", "Attention", "Mlp", "Block", "DropPath", "draw_mix_box", "box_mask",
@@ -49,10 +50,12 @@ class LVViT(nn.Layer):
       - eval: ``cls + aux_weight * max over tokens of aux`` [B, C] per sample (return_dense), else ``cls``.
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384,
-                 depth=16, num_heads=6, mlp_ratio=3.0, qkv_bias=False, drop_rate=0.0, attn_drop_rate=0.0,
-                 drop_path_rate=0.0, stem="pe4_2", skip_lam=1.0, mix_token=True, return_dense=True,
-                 aux_weight=0.5):
+    def __init__(self, img_size: PositiveInt = 224, patch_size: PositiveInt = 16, in_chans: PositiveInt = 3,
+                 num_classes: PositiveInt = 1000, embed_dim: PositiveInt = 384, depth: PositiveInt = 16,
+                 num_heads: PositiveInt = 6, mlp_ratio: PositiveFloat = 3.0, qkv_bias: bool = False,
+                 drop_rate: DropRate = 0.0, attn_drop_rate: DropRate = 0.0, drop_path_rate: DropRate = 0.0,
+                 stem: str = "pe4_2", skip_lam: PositiveFloat = 1.0, mix_token: bool = True, return_dense: bool = True,
+                 aux_weight: NonNegativeFloat = 0.5):
         super().__init__()
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if stem not in STEMS:

@@ -19,6 +19,7 @@ from passl.errors import CheckpointError, ConfigError
 from passl.models.lvvit import Attention, DropPath, Mlp, box_mask, draw_mix_box
 from passl.models.outputs import TokenLabelOutput
 from passl.models.pos_embed import pos_embed_grid
+from passl.ranges import DropRate, NonNegativeFloat, PositiveFloat, PositiveInt
 from passl.registry import MODELS
 
 __all__ = ["VisionTransformer", "PatchEmbed", "ViTBlock", "VARIANTS", "PARAMS", "match_state_dict",
@@ -73,9 +74,12 @@ class VisionTransformer(nn.Layer):
       - eval: ``cls + aux_weight * max over tokens of aux`` [B, C] (return_dense), else ``cls``.
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
-                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
-                 norm_eps=1e-6, mix_token=True, return_dense=True, aux_weight=0.5):
+    def __init__(self, img_size: PositiveInt = 224, patch_size: PositiveInt = 16, in_chans: PositiveInt = 3,
+                 num_classes: PositiveInt = 1000, embed_dim: PositiveInt = 768, depth: PositiveInt = 12,
+                 num_heads: PositiveInt = 12, mlp_ratio: PositiveFloat = 4.0, qkv_bias: bool = True,
+                 drop_rate: DropRate = 0.0, attn_drop_rate: DropRate = 0.0, drop_path_rate: DropRate = 0.0,
+                 norm_eps: PositiveFloat = 1e-6, mix_token: bool = True, return_dense: bool = True,
+                 aux_weight: NonNegativeFloat = 0.5):
         super().__init__()
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_h % patch_size or img_w % patch_size:

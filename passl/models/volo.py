@@ -17,6 +17,7 @@ from paddle.nn.initializer import Constant, TruncatedNormal, Uniform
 from passl.errors import ConfigError
 from passl.models.lvvit import Block, ConvStem, DropPath, Mlp, box_mask, draw_mix_box
 from passl.models.outputs import TokenLabelOutput
+from passl.ranges import DropRate, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ranged
 from passl.registry import MODELS
 
 __all__ = ["VOLO", "OutlookAttention", "Outlooker", "ClassAttention", "ClassBlock", "Downsample", "VOLOStem",
@@ -216,10 +217,14 @@ class VOLO(nn.Layer):
     blocks take none (the rate of block j is drop_path_rate * j / (sum(layers) - 1)).
     """
 
-    def __init__(self, layers=(4, 4, 8, 2), embed_dims=(192, 384, 384, 384), num_heads=(6, 12, 12, 12),
-                 mlp_ratio=3.0, stem_hidden_dim=64, post_layers=2, img_size=224, in_chans=3, num_classes=1000,
-                 qkv_bias=False, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, outlook_kernel=3,
-                 outlook_padding=1, outlook_stride=2, mix_token=True, return_dense=True, aux_weight=0.5):
+    def __init__(self, layers: ranged(list, 0, kind=int) = (4, 4, 8, 2),
+                 embed_dims: ranged(list, 1, kind=int) = (192, 384, 384, 384),
+                 num_heads: ranged(list, 1, kind=int) = (6, 12, 12, 12), mlp_ratio: PositiveFloat = 3.0,
+                 stem_hidden_dim: PositiveInt = 64, post_layers: PositiveInt = 2, img_size: PositiveInt = 224,
+                 in_chans: PositiveInt = 3, num_classes: PositiveInt = 1000, qkv_bias: bool = False,
+                 drop_rate: DropRate = 0.0, attn_drop_rate: DropRate = 0.0, drop_path_rate: DropRate = 0.0,
+                 outlook_kernel: PositiveInt = 3, outlook_padding: NonNegativeInt = 1, outlook_stride: PositiveInt = 2,
+                 mix_token: bool = True, return_dense: bool = True, aux_weight: NonNegativeFloat = 0.5):
         super().__init__()
         layers, embed_dims, num_heads = list(layers), list(embed_dims), list(num_heads)
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)

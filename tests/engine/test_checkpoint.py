@@ -11,7 +11,7 @@ from passl.engine.checkpoint import (CheckpointManager, Progress, atomic_save, c
                                      restore_training_state, training_state)
 from passl.engine.ema import ModelEma
 from passl.engine.step import OptimizerStep
-from passl.errors import CheckpointError
+from passl.errors import CheckpointError, WriteError
 
 
 def test_atomic_save_leaves_no_temporaries(tmp_path, monkeypatch):
@@ -24,7 +24,7 @@ def test_atomic_save_leaves_no_temporaries(tmp_path, monkeypatch):
             f.write(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(paddle, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match=r"cannot write .*a.pdckpt: disk full$"):   # one line naming the file
         atomic_save({"x": 1}, path)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["a.pdckpt"]          # the old file survives, no temp left
@@ -153,3 +153,11 @@ def test_resume_refuses_what_it_cannot_continue():
     other_model = paddle.nn.Sequential(paddle.nn.Linear(3, 4))
     with pytest.raises(CheckpointError, match="model keys do not match"):
         restore_training_state(epoch_end, "c.pdckpt", other_model, step, None)
+
+
+def test_keep_last_zero_keeps_only_latest_and_best(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep_last=0)
+    paths = [manager.save_epoch({"epoch": epoch}, epoch, is_best=epoch == 1) for epoch in (1, 2)]
+    assert sorted(os.listdir(tmp_path)) == ["best.pdckpt", "latest.pdckpt"]
+    assert paths == [str(tmp_path / "latest.pdckpt")] * 2                  # the file the log line names exists
+    assert load_file(str(tmp_path / "latest.pdckpt"))["epoch"] == 2 and load_file(str(tmp_path / "best.pdckpt"))["epoch"] == 1

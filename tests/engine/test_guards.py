@@ -8,42 +8,119 @@ import paddle
 import pytest
 
 from passl.engine import guards
-from passl.engine.guards import (NonFiniteLoss, RunFlags, check_disk, explain_failure, failure_message,
-                                 nonfinite_message, prepare_output_dir, stop_on_signals)
-from passl.errors import ConfigError, PasslError
+from passl.engine.guards import (NonFiniteLoss, RunFlags, check_disk, claim_output_dir, explain_failure,
+                                 failure_message, nonfinite_message, stop_on_signals)
+from passl.errors import ConfigError, PasslError, WriteError
 
 
-def test_output_dir_is_created_proven_writable_and_a_fresh_run_restarts_metrics(tmp_path):
-    out = tmp_path / "a" / "b"
-    prepare_output_dir(str(out))
-    assert os.listdir(out) == []                                  # the probe file is gone
-    (out / "metrics.jsonl").write_text("{}\n")
-    prepare_output_dir(str(out), fresh=False)
-    assert (out / "metrics.jsonl").exists()                      # --resume keeps the history
-    prepare_output_dir(str(out), fresh=True)
-    assert not (out / "metrics.jsonl").exists()
+def _snapshot(directory):
+    """{relative path: bytes} of every file below ``directory``."""
+    out = {}
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
+def test_a_fresh_run_never_starts_over_an_earlier_one(tmp_path):
+    out = tmp_path / "run"
+    with claim_output_dir(str(out)):
+        assert os.listdir(out) == [".lock"]                     # created; the probe file is gone
+    for name, data in (("metrics.jsonl", b'{"epoch": 1}\n'), ("epoch_0001.pdckpt", b"ckpt"), ("config.yaml", b"a: 1\n")):
+        (out / name).write_bytes(data)
+    before = _snapshot(out)
+    with pytest.raises(PasslError) as caught:
+        with claim_output_dir(str(out)):
+            pass
+    message = str(caught.value)
+    assert message.startswith(f"output_dir {out} holds a run (epoch_0001.pdckpt, metrics.jsonl): continue it with "
+                              "--resume, or pass --overwrite to move it to")
+    assert _snapshot(out) == before                             # nothing touched, not even the lock file
+    with claim_output_dir(str(out), resume=True):               # --resume continues it
+        pass
+    assert {k: v for k, v in _snapshot(out).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+    notes = []
+    with claim_output_dir(str(out), overwrite=True, log=notes.append):
+        assert os.listdir(out) == [".lock"]                     # a new, empty folder
+    moved = [p for p in os.listdir(tmp_path) if p.startswith("run.old-")]
+    assert len(moved) == 1 and notes == [f"--overwrite: moved the earlier run in {out} to {tmp_path / moved[0]}"]
+    assert {k: v for k, v in _snapshot(tmp_path / moved[0]).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}     # moved whole, nothing deleted
+
+
+def test_temporaries_of_killed_writes_are_removed_when_a_run_starts(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [".latest.pdckpt.a1b2c3d4.tmp.pdckpt", ".config.yaml.zz_9yy8x.tmp.yaml"]
+    kept = [".hidden_notes.txt", ".latest.pdckpt.a1b2c3d4.tmp.npy", "notes.tmp.txt"]
+    for name in stale + kept:
+        (out / name).write_bytes(b"x" * 10)
+    notes = []
+    with claim_output_dir(str(out), resume=True, log=notes.append):
+        pass
+    assert sorted(os.listdir(out)) == sorted(kept)                 # and the lock file goes with the run
+    assert notes and notes[0].startswith("removed 2 temporary file(s) of an interrupted write (20 bytes)")
+
+
+def test_the_lock_stops_a_second_run_and_dies_with_its_holder(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    with claim_output_dir(str(out)):
+        with pytest.raises(WriteError, match=rf"output_dir {out} is in use by another training run \(pid {os.getpid()} "):
+            with claim_output_dir(str(out)):
+                pass
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WriteError, match="is in use by another training run"):
+            with claim_output_dir(str(out)):
+                pass
+    finally:
+        holder.kill()                                           # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+    with claim_output_dir(str(out)):                            # the OS released the lock with the process
+        pass
+
+
+def test_an_unwritable_output_dir_is_refused_before_anything(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(PasslError, match="not writable.*-o output_dir"):
-        prepare_output_dir(str(blocker / "out"))
-    prepare_output_dir(str(blocker / "out"), main=False)         # other ranks never touch the disk
+    with pytest.raises(WriteError, match=r"output_dir .*file/out is not writable \(Not a directory\); .*-o output_dir=\.\.\."):
+        with claim_output_dir(str(blocker / "out")):
+            pass
+    with claim_output_dir(str(blocker / "out"), main=False):    # other ranks never touch the disk
+        pass
 
 
-def test_disk_check_counts_model_optimizer_and_ema(tmp_path, monkeypatch):
+def test_disk_check_counts_every_file_a_run_keeps_at_its_peak(tmp_path, monkeypatch):
     model = paddle.nn.Linear(1024, 1024)                          # ~1.05 M parameters, 4 MiB each copy
-    numel = 1024 * 1024 + 1024
+    weights = (1024 * 1024 + 1024) * 4
 
     class Usage:
         free = 0
     monkeypatch.setattr(guards.shutil, "disk_usage", lambda path: Usage)
-    for with_ema, copies in ((False, 3), (True, 4)):
-        need = 2 * numel * 4 * copies + (64 << 20)
+    for with_ema, keep_last in ((False, 3), (True, 3), (True, 0)):
+        checkpoint = weights * (4 if with_ema else 3)             # model, Adam's moments, EMA
+        # keep_last epoch files (at least latest), the best one, the one being written; best_model.pdparams
+        # and .safetensors, one of them twice while it is replaced; 64 MiB for logs
+        need = (max(keep_last, 1) + 2) * checkpoint + 3 * weights + (64 << 20)
         Usage.free = need
-        check_disk(str(tmp_path), model, with_ema)                # exactly enough
+        check_disk(str(tmp_path), model, with_ema, keep_last)     # exactly enough
         Usage.free = need - 1
-        with pytest.raises(PasslError, match="GiB free"):
-            check_disk(str(tmp_path), model, with_ema)
-        check_disk(str(tmp_path), model, with_ema, main=False)
+        with pytest.raises(WriteError) as caught:
+            check_disk(str(tmp_path), model, with_ema, keep_last)
+        assert f"train.keep_last {keep_last}" in str(caught.value) and "64.0 MiB for logs" in str(caught.value)
+        check_disk(str(tmp_path), model, with_ema, keep_last, main=False)
+    (tmp_path / "latest.pdckpt").write_bytes(b"x" * 1000)          # a resumed run's files count as held
+    os.link(tmp_path / "latest.pdckpt", tmp_path / "epoch_0001.pdckpt")   # a hard link once
+    Usage.free = need - 1000
+    check_disk(str(tmp_path), model, True, 0)
 
 
 def test_flags_report_the_first_non_finite_step():
@@ -108,4 +185,10 @@ def test_explain_failure_logs_only_with_several_processes(monkeypatch, caplog):
         with pytest.raises(ConfigError):                         # a PasslError explains itself
             with explain_failure(log):
                 raise ConfigError("bad key")
+        assert len(caplog.records) == 1
+        lost = RuntimeError("[pair.cc:584] TIMEOUT self_rank = 1 pair_rank = 0")
+        with pytest.raises(PasslError) as caught:                # a lost peer: one line, the cause is elsewhere
+            with explain_failure(log):
+                raise lost
+        assert str(caught.value) == failure_message(lost, 1, 2) and caught.value.__cause__ is None
         assert len(caplog.records) == 1

@@ -63,7 +63,7 @@ def test_the_first_line_states_the_batch_arithmetic(tmp_path, image_data):
 
 def test_configs_that_cannot_train_fail_while_building(tmp_path, image_data):
     train_root, val_root = image_data
-    with pytest.raises(ConfigError, match="train.accum_steps must be >= 1"):
+    with pytest.raises(ConfigError, match=r"train.accum_steps: expected an integer >= 1, got 0 from .*tiny.yaml"):
         _build(tiny_config(tmp_path, train_root, val_root, train__accum_steps=0))
     with pytest.raises(ConfigError, match="data.train.dataset is not set"):
         _build(tiny_config(tmp_path, train_root, val_root, data__train__dataset=None))

@@ -238,3 +238,107 @@ def test_a_finished_run_rerun_keeps_its_record_and_other_settings_are_refused(tm
         generate_label_maps(_annotator(weights), images, out, (40, 32), topk=2, **quiet)
     after = _maps(out)
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+sys.argv[0] = {tool!r}
+import passl.annotate.generate as generate
+written, write = [0], generate._write_atomic
+
+def write_then_die(path, label_map):   # the process is killed (SIGKILL: nothing runs after) after 2 maps
+    write(path, label_map)
+    written[0] += 1
+    if written[0] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+generate._write_atomic = write_then_die
+sys.path.insert(0, os.path.join({root!r}, "tools"))
+import generate_labels
+from passl.utils import cli
+cli.run(generate_labels.main, sys.argv[1:])
+"""
+
+
+def _files(root):
+    out = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(directory, name), "rb") as f:
+                out[os.path.relpath(os.path.join(directory, name), root)] = f.read()
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_run_records_its_annotator_and_a_rerun_with_another_is_refused(tmp_path, small_cnn):
+    import json
+
+    import paddle
+
+    from passl.annotate import SmallCNN
+    from passl.utils.fileio import sha256_file
+    _, weights = small_cnn
+    paddle.seed(7)
+    other = str(tmp_path / "other.pdparams")
+    paddle.save(SmallCNN(num_classes=6, width=4).state_dict(), other)
+    images, out = _folder(str(tmp_path / "images")), str(tmp_path / "labels")
+    common = ["--images", images, "--out", out, "--arch", "small_cnn", "--num-classes", "6", "--width", "4",
+              "--image-size", "40", "32", "--topk", "3", "--batch-size", "1", "--no-progress"]
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RUN.format(root=ROOT, tool=TOOL))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    killed = subprocess.run([sys.executable, str(script), *common, "--weights", weights], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env=env)
+    assert killed.returncode == -9, killed.stderr
+    with open(os.path.join(out, "label_maps.json")) as f:
+        record = json.load(f)
+    assert record["annotator"] == {"kind": "cnn", "arch": "small_cnn", "num_classes": 6, "width": 4,
+                                   "weights_sha256": sha256_file(weights)}
+    assert record["interpolation"] == "bilinear" and record["weights"] == os.path.abspath(weights)
+    before = _files(out)
+    assert len([name for name in before if name.endswith(".npy")]) == 2
+    for change, words in ((["--weights", other], "annotator.weights_sha256"),
+                          (["--weights", weights, "--interpolation", "bicubic"], "interpolation bilinear != bicubic"),
+                          (["--weights", weights, "--mean", "0.5", "0.5", "0.5"], "mean [0.485, 0.456, 0.406] != [0.5, 0.5, 0.5]")):
+        done = _tool(*common, *change)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"error: {os.path.join(out, 'label_maps.json')}: the maps already in {out} "
+                                      "were made by another annotator or with other settings (")
+        assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+        assert _files(out) == before                       # nothing written, nothing removed
+    done = _tool(*common, "--weights", weights)            # the same annotator completes the run
+    assert done.returncode == 0, done.stderr
+    assert "wrote 5, kept 2 already there" in done.stdout
+    once = str(tmp_path / "once")
+    assert _tool(*[a if a != out else once for a in common], "--weights", weights).returncode == 0
+    assert _maps(once).keys() == _maps(out).keys()
+    assert all(np.array_equal(_maps(once)[k], _maps(out)[k]) for k in _maps(once))
+
+
+def test_maps_of_unknown_origin_are_not_completed(tmp_path, small_cnn):
+    from passl.annotate import generate_label_maps
+    from passl.errors import DataError
+    _, weights = small_cnn
+    images, out = _folder(str(tmp_path / "images")), tmp_path / "labels"
+    (out / "c0").mkdir(parents=True)
+    np.save(out / "c0" / "img0.npy", np.zeros((2, 3, 4, 5), np.float16))     # e.g. a published set, no record
+    with pytest.raises(DataError, match="holds 1 label map\\(s\\) but no label_maps.json"):
+        generate_label_maps(_annotator(weights), images, str(out), (40, 32), topk=3, progress=False,
+                            log=lambda *a: None)
+    assert os.listdir(out / "c0") == ["img0.npy"]
+
+
+def test_temporaries_of_a_killed_write_are_removed_by_the_rank_that_owns_the_map(tmp_path, small_cnn):
+    from passl.annotate import generate_label_maps
+    _, weights = small_cnn
+    images, out = _folder(str(tmp_path / "images")), tmp_path / "labels"
+    (out / "c2").mkdir(parents=True)
+    (out / "c2" / ".img2.npy.k3j_x9q0.tmp.npy").write_bytes(b"half a map")   # atomic_path's naming
+    (out / "c2" / ".notes.txt").write_bytes(b"not ours")
+    quiet = dict(topk=3, batch_size=4, progress=False, log=lambda *a: None)
+    # sorted keys c0/img0, c0/img3, c0/img6, c1/img1, c1/img4, c2/img2, c2/img5: c2/img2 is rank 1's
+    generate_label_maps(_annotator(weights), images, str(out), (40, 32), rank=0, world_size=2, **quiet)
+    assert (out / "c2" / ".img2.npy.k3j_x9q0.tmp.npy").exists()      # rank 1 may be writing it: left alone
+    generate_label_maps(_annotator(weights), images, str(out), (40, 32), rank=1, world_size=2, **quiet)
+    assert sorted(os.listdir(out / "c2")) == [".notes.txt", "img2.npy", "img5.npy"]
