@@ -78,7 +78,7 @@ def _enhance(degenerate, increasing):
 
 
 def _colour_degenerate(image):     # ImageEnhance.Color: the grey image
-    return np.repeat(pixels.grey(image)[:, :, None], 3, axis=2)
+    return pixels.grey_rgb(image)
 
 
 def _contrast_degenerate(image):   # ImageEnhance.Contrast: the mean grey level, rounded
@@ -202,6 +202,8 @@ class RandAugment(Transform):
                 steps.append((name, level, (matrix, inverse), interpolation_name(self.interpolation, rng)))
             else:
                 steps.append((name, level, None, None))
+        if not steps:
+            return sample
         windows, precrop = self._windows(sample, steps) if self.crop_window else (None, None)
         full_size = _size(sample.image)
         image, origin = pixels.as_array(sample.image), (0, 0)

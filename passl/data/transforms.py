@@ -197,7 +197,7 @@ class RandomHorizontalFlip(Transform):
         if rng.random() >= self.prob:
             return sample
         if isinstance(sample.image, np.ndarray):
-            sample.image = np.ascontiguousarray(sample.image[:, ::-1])
+            sample.image = pixels.flip(sample.image)
         else:
             sample.image = sample.image.transpose(Image.FLIP_LEFT_RIGHT)
         if sample.label_map is not None:
