@@ -16,6 +16,7 @@ Normalize and the pixel work of RandomErasing run on the collated batch on the t
 Randomness comes from one numpy Generator per item, seeded from numpy's global generator, which
 ``passl.data.loader`` reseeds per sample from (seed, epoch, position).
 """
+import io
 import math
 import os
 
@@ -24,6 +25,7 @@ import paddle
 from PIL import Image
 
 from passl.data.label_index import shared_label_check
+from passl.data import pixels
 from passl.data.label_maps import coverage_region, label_key
 from passl.data.paths import PathTable, SampleList
 from passl.data.pipeline import build_transforms, split_device_stage
@@ -94,19 +96,32 @@ class ImageSource:
 
     def load(self, index, max_reduction=None):
         """Decode image ``index`` as RGB. ``max_reduction(size) -> float`` says how far a JPEG may be
-        shrunk while decoding (draft mode, factors 2/4/8). Returns (PIL image, original (w, h), factor)."""
+        shrunk while decoding (draft mode, factors 2/4/8). Returns (image, original (w, h), factor):
+        a uint8 [H, W, 3] array for colour and grey JPEGs (decoded by OpenCV's libjpeg-turbo: the
+        same pixels as PIL's, at the same reductions, without PIL's copy), else a PIL RGB image."""
         path = self.image_path(index)
         try:
-            with Image.open(path) as img:
+            with open(path, "rb") as f:
+                data = f.read()
+            with Image.open(io.BytesIO(data)) as img:   # reads the header only
                 size = img.size
-                factor = 1
                 limit = max_reduction(size) if max_reduction is not None else 1
+                scale = 1
                 if self.draft and img.format == "JPEG" and limit >= 2:
+                    # the reduction PIL's JpegImageFile.draft picks for this request
                     wanted = 2 ** min(3, int(math.floor(math.log2(limit))))
-                    img.draft("RGB", (-(-size[0] // wanted), -(-size[1] // wanted)))
-                    factor = 2 ** int(round(math.log2(size[0] / img.size[0])))
+                    fits = min(size[0] // -(-size[0] // wanted), size[1] // -(-size[1] // wanted))
+                    scale = next(s for s in (8, 4, 2, 1) if fits >= s)
+                # OpenCV decodes a truncated JPEG without a word: files not ending in the end-of-image
+                # marker go to PIL, which says "truncated" (or decodes them as it always did)
+                if img.format == "JPEG" and img.mode in ("RGB", "L") and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+                    image = pixels.decode_jpeg(data, scale)
+                    return image, size, scale
+                if scale > 1:
+                    img.draft("RGB", (-(-size[0] // scale), -(-size[1] // scale)))
                 img.load()
                 image = img if img.mode == "RGB" else img.convert("RGB")
+                factor = 2 ** int(round(math.log2(size[0] / image.size[0])))
         except Exception as e:  # noqa: BLE001 (any decoder failure means a bad file)
             raise BadImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
         return image, size, factor
@@ -306,7 +321,8 @@ class TokenLabelDataset(paddle.io.Dataset):
         sample = holder.get("sample") or Sample(size=size)
         sample.image = image
         # a draft-decoded pixel covers factor x factor original pixels
-        sample.view = (0.0, 0.0, float(image.size[0] * factor), float(image.size[1] * factor))
+        width, height = sample.image_size()
+        sample.view = (0.0, 0.0, float(width * factor), float(height * factor))
         if label_map is not None:
             sample.label_map = label_map
             sample.map_region = coverage_region(self.label_store.coverage, *size)
@@ -314,7 +330,7 @@ class TokenLabelDataset(paddle.io.Dataset):
 
 
 def to_uint8_chw(image):
-    """PIL RGB image -> contiguous uint8 [3, H, W]."""
+    """PIL RGB image or uint8 [H, W, 3] -> contiguous uint8 [3, H, W]."""
     return np.ascontiguousarray(np.asarray(image, np.uint8).transpose(2, 0, 1))
 
 

@@ -1,8 +1,8 @@
 """Pixel kernels of the training transforms on uint8 [H, W, 3] RGB arrays, with OpenCV.
 
-Decoding stays with PIL (its JPEG draft mode), and so do the evaluation resizes (the published
-models were evaluated with PIL's bicubic); the training augmentations run here, where OpenCV's
-SIMD kernels on one array avoid PIL's per-op image copies. Measured on one worker with
+JPEGs are decoded here (libjpeg-turbo, as in PIL, straight into an array); the evaluation resizes
+stay with PIL (the published models were evaluated with PIL's bicubic); the training augmentations
+run here, where OpenCV's SIMD kernels on one array avoid PIL's per-op image copies. Measured on one worker with
 ``benchmarks/bench_data.py`` (table in benchmarks/README.md).
 
 Where the result differs from the PIL op it replaces (checked in tests/data/test_pixels.py):
@@ -21,7 +21,7 @@ OpenCV runs one thread here: a loader runs one process per worker, which is wher
 """
 import numpy as np
 
-__all__ = ["as_array", "centre_matrix", "warp_affine", "resize_box", "flip", "apply_lut", "blend", "grey", "grey_rgb",
+__all__ = ["decode_jpeg", "as_array", "centre_matrix", "warp_affine", "resize_box", "flip", "apply_lut", "blend", "grey", "grey_rgb",
            "smooth", "autocontrast_lut",
            "equalize_lut", "LINEAR", "CUBIC"]
 
@@ -36,6 +36,19 @@ def _cv():
         cv2.setNumThreads(1)
         _cv2 = cv2
     return _cv2
+
+
+def decode_jpeg(data, scale=1):
+    """uint8 [H, W, 3] RGB of the JPEG bytes ``data``, shrunk by ``scale`` (1, 2, 4, 8) in the decoder
+    (libjpeg's DCT scaling, as PIL's draft mode), EXIF orientation ignored (as PIL does). Equal to
+    PIL's decode of the same file (checked in tests/data/test_pixels.py)."""
+    cv2 = _cv()
+    reduced = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+               8: cv2.IMREAD_REDUCED_GRAYSCALE_8}[scale]
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), reduced | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise ValueError("OpenCV cannot decode it")
+    return image
 
 
 def as_array(image):

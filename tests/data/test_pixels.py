@@ -1,4 +1,6 @@
 """OpenCV pixel kernels against the PIL ops they replace: identical tables, bounded rounding, same geometry."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
@@ -89,3 +91,29 @@ def test_resize_box_matches_pil_geometry(box, size, within):
     want = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box)).astype(int)
     diff = got - want
     assert np.abs(diff).mean() < within and abs(diff.mean()) < 0.5, (np.abs(diff).mean(), diff.mean())
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_decode_equals_pil(tmp_path, scale, mode):
+    """OpenCV's decode gives PIL's pixels, at PIL's draft reductions."""
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray(photo(5, (208, 160))).convert(mode).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as img:
+        if scale > 1:
+            img.draft("RGB", (208 // scale, 160 // scale))
+        want = np.asarray(img.convert("RGB"))
+    assert want.shape == (160 // scale, 208 // scale, 3)
+    np.testing.assert_array_equal(pixels.decode_jpeg(data, scale), want)
+
+
+def test_truncated_jpeg_is_still_an_error(tmp_path):
+    from passl.data.datasets import BadImageError, ImageFolder
+    os.makedirs(tmp_path / "c")
+    Image.fromarray(photo(6)).save(tmp_path / "c" / "x.jpg", quality=90)
+    data = (tmp_path / "c" / "x.jpg").read_bytes()
+    (tmp_path / "c" / "x.jpg").write_bytes(data[:len(data) // 2])
+    with pytest.raises(BadImageError, match="x.jpg.*truncated"):
+        ImageFolder(str(tmp_path)).load(0)
