@@ -262,19 +262,22 @@ def memory_pass(dataset, args, paddle, np):
     sampler = ResumableDistributedBatchSampler(len(dataset), 1024, shuffle=True)
     loader = paddle.io.DataLoader(SeededItems(_IndexPass(dataset)), batch_sampler=sampler,
                                   num_workers=args.workers, collate_fn=lambda items: np.stack(items))
+    earlier = set(children_of(os.getpid()))     # e.g. the first-batch loader's workers, still exiting
     start = time.perf_counter()
     iterator = iter(loader)
-    batches = 0
-    workers_start = None
+    batches, total = 0, len(sampler)
+    workers_start = workers = None
     for _ in iterator:
         batches += 1
+        ours = [pid for pid in children_of(os.getpid()) if pid not in earlier]
         if batches == args.workers * 2:   # every worker has started and done a little
-            workers_start = [memory_of(pid) for pid in children_of(os.getpid())]
-    workers = [memory_of(pid) for pid in children_of(os.getpid())]
+            workers_start = [memory_of(pid) for pid in ours]
+        if batches == total - args.workers:   # the last batches: every worker has read its share
+            workers = [memory_of(pid) for pid in ours]
     out = {"pass_s": time.perf_counter() - start, "pass_batches": batches,
            "main_after_pass": dict(zip(("rss_mb", "uss_mb"), memory_of(os.getpid()))),
            "workers_early": [dict(zip(("rss_mb", "uss_mb"), w)) for w in workers_start or []],
-           "workers_after_pass": [dict(zip(("rss_mb", "uss_mb"), w)) for w in workers]}
+           "workers_after_pass": [dict(zip(("rss_mb", "uss_mb"), w)) for w in workers or []]}
     del iterator
     return out
 

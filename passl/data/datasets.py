@@ -170,8 +170,8 @@ class ImageFolder(ImageSource):
         index = {name: i for i, name in enumerate(self.classes)}
         names, counts = [], []
         for name in self._found:
-            files = sorted(e.name for e in os.scandir(os.path.join(self.root, name))
-                           if e.name.lower().endswith(self.extensions) and e.is_file())
+            # names only (no per-entry stat or DirEntry): a folder named like an image would fail to decode
+            files = sorted(f for f in os.listdir(os.path.join(self.root, name)) if f.lower().endswith(self.extensions))
             names.extend(f"{name}/{f}" for f in files)
             counts.append((index[name], len(files)))
         if not names:

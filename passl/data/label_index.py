@@ -42,7 +42,8 @@ INDEX_FORMAT = "passl-label-index"
 _VERSION = 1
 _RACY_NS = 2_000_000_000      # maps modified this close to a check are read again at the next one
 _UNKNOWN = -2                 # size/mtime of a map whose check did not finish: read it next time
-_CHUNK = 2048
+_CHUNK = 2048                 # maps per stat task
+_READ_CHUNK = 256             # maps per read task: bounds the bytes in flight (threads x chunk x map size)
 _THREADS = 16                 # file reads and stats wait on the disk, not the CPU: threads overlap them
 
 _log = logging.getLogger("passl")
@@ -119,8 +120,8 @@ def _write_index(path, source, store, sizes, mtimes, max_class):
                      "Set label_store.index_dir to a writable folder")
 
 
-def _chunks(indices):
-    return [indices[i:i + _CHUNK] for i in range(0, len(indices), _CHUNK)]
+def _chunks(indices, size=_CHUNK):
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 def _run_chunks(fn, chunks, total, desc, progress, done):
@@ -164,6 +165,8 @@ def check_label_maps(source, store, num_classes, index_path=None, progress=None)
             prev_top[known] = cached["max_class"][rows[known]]
 
     def keys_of(chunk):
+        if chunk.size and chunk[-1] - chunk[0] == chunk.size - 1:   # a contiguous range: one decode
+            return [label_key(rel) for rel in paths.strings(int(chunk[0]), int(chunk[-1]) + 1)]
         return [label_key(paths[i]) for i in chunk]
 
     sizes, mtimes = np.full(count, -1, np.int64), np.full(count, -1, np.int64)
@@ -186,7 +189,7 @@ def check_label_maps(source, store, num_classes, index_path=None, progress=None)
     todo = np.flatnonzero(changed)
     try:
         _run_chunks(lambda chunk: store.validate(keys_of(chunk), [source.image_path(i) for i in chunk]),
-                    _chunks(todo), todo.size, "label maps: check", progress, validate_done)
+                    _chunks(todo, _READ_CHUNK), todo.size, "label maps: check", progress, validate_done)
     finally:
         if index_path and (cached is None or differs.any() or not _same(cached["paths"], paths)):
             racy = mtimes >= start_ns - _RACY_NS

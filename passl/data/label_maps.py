@@ -140,14 +140,15 @@ class LabelStore:
     def stat(self, keys):
         """(size, mtime_ns) int64 arrays of the maps of ``keys``; -1 for a missing map. What the cached
         start-up check compares with its index to find the maps that changed."""
-        sizes, mtimes = np.full(len(keys), -1, np.int64), np.full(len(keys), -1, np.int64)
+        prefix, suffix, stat = os.path.join(self.root, ""), self.suffix, os.stat
+        sizes, mtimes = [-1] * len(keys), [-1] * len(keys)
         for i, key in enumerate(keys):
             try:
-                st = os.stat(self.path(key))
+                st = stat(prefix + key + suffix)
             except OSError:
                 continue
             sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-        return sizes, mtimes
+        return np.array(sizes, np.int64), np.array(mtimes, np.int64)
 
     def validate(self, keys, images=None):
         """Read the maps of ``keys`` (all present) and check shape, dtype and content; DataError naming

@@ -55,6 +55,15 @@ class PathTable:
         for index in range(len(self)):
             yield self[index]
 
+    def strings(self, start, stop):
+        """Strings ``start`` .. ``stop`` - 1 as a list (one decode for the whole range)."""
+        first, last = int(self.offsets[start]), int(self.offsets[stop])
+        text = self.data[first:last].tobytes().decode("utf-8", "surrogateescape")
+        if text.isascii():   # character positions are byte positions
+            bounds = (self.offsets[start:stop + 1] - first).tolist()
+            return [text[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [self[i] for i in range(start, stop)]
+
     def __eq__(self, other):
         return (isinstance(other, PathTable) and np.array_equal(self.offsets, other.offsets)
                 and np.array_equal(self.data, other.data))
