@@ -7,7 +7,8 @@ run here, where OpenCV's SIMD kernels on one array avoid PIL's per-op image copi
 
 Where the result differs from the PIL op it replaces (checked in tests/data/test_pixels.py):
 - affine warps: OpenCV's bicubic uses a = -0.75 (PIL -0.5) and blends the fill colour into the
-  border pixels' taps; interpolation weights are quantised to 1/32 pixel;
+  border pixels' taps; bilinear: at most 2 levels (OpenCV 4.x, whose weights are quantised to 1/32
+  px: 99.9% of pixels, a few up to 4);
 - resizes: shrinking by 2x or more uses OpenCV's area filter, anything else bilinear or bicubic as
   asked, without PIL's widening of the filter when shrinking by less than 2x (RandomResizedCrop on
   ImageNet-sized images mostly enlarges or shrinks by under 2x);

@@ -51,8 +51,9 @@ def test_enhance_ops_within_two_levels_of_pil(kind):
 
 
 def test_affine_warp_has_pil_geometry():
-    """A bilinear warp with OpenCV shows the same image content as PIL's: differences of at most 2 levels
-    in the interior, on average +0.5 (OpenCV rounds to nearest, PIL rounds down), nothing else systematic."""
+    """A bilinear warp with OpenCV shows the same image content as PIL's: in the interior, 99.9% of the
+    pixels within 2 levels (all of them with OpenCV 5; 4.x quantises the weights to 1/32 px: up to 4), on
+    average +0.5 (OpenCV rounds to nearest, PIL rounds down), nothing else systematic."""
     image = photo(3, (120, 90))
     rng = np.random.default_rng(0)
     for _ in range(10):
@@ -66,7 +67,7 @@ def test_affine_warp_has_pil_geometry():
         src_x, src_y = a * (xs + .5) + b * (ys + .5) + c, d * (xs + .5) + e * (ys + .5) + f
         interior = (src_x > 2) & (src_x < 118) & (src_y > 2) & (src_y < 88)
         diff = (got - want)[interior]
-        assert np.abs(diff).max() <= 2 and 0.3 < diff.mean() < 0.6
+        assert np.mean(np.abs(diff) <= 2) > 0.999 and np.abs(diff).max() <= 4 and 0.3 < diff.mean() < 0.6
 
 
 def test_centre_matrix_rounds_to_1024ths_and_inverts_consistently():
