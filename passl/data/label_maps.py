@@ -329,7 +329,10 @@ class PackedLabelStore(LabelStore):
             raise DataError(f"label_store.coverage is '{coverage}' but {index_path} records '{recorded}'; "
                             "remove the key or fix the index")
         super().__init__(root, recorded, allow_missing, map_shape, check, index_dir)
-        self._rows = {k: i for i, k in enumerate(index["keys"])}
+        # the keys as one sorted bytes array (not a dict of 1.28 M str: forked workers would copy it)
+        encoded = np.array([key.encode("utf-8", "surrogateescape") for key in index["keys"]], dtype=bytes)
+        self._order = np.argsort(encoded, kind="stable")
+        self._sorted = encoded[self._order]
         self._data_path = os.path.join(root, PACKED_DATA)
         self._stored_shape = tuple(index["shape"])
         self._array = None   # opened lazily, so each worker process maps the file itself
@@ -337,11 +340,19 @@ class PackedLabelStore(LabelStore):
     def path(self, key):
         return f"{self._data_path}[{key}]"
 
+    def rows(self, keys):
+        """Row of each key in labels.npy, -1 where it has none: int64 [len(keys)]."""
+        if not len(keys) or not len(self._sorted):
+            return np.full(len(keys), -1, np.int64)
+        wanted = np.array([key.encode("utf-8", "surrogateescape") for key in keys], dtype=bytes)
+        at = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
+        return np.where(self._sorted[at] == wanted, self._order[at], -1).astype(np.int64)
+
     def __contains__(self, key):
-        return key in self._rows
+        return self.rows([key])[0] >= 0
 
     def keys(self):
-        return sorted(self._rows)
+        return [key.decode("utf-8", "surrogateescape") for key in self._sorted]
 
     def _shape(self, key):
         return self._stored_shape
@@ -352,20 +363,23 @@ class PackedLabelStore(LabelStore):
         return self._array
 
     def _read(self, key):
-        return np.array(self._open()[self._rows[key]])
+        row = self.rows([key])[0]
+        if row < 0:
+            raise DataError(f"no label map for {key} in {self._data_path}")
+        return np.array(self._open()[row])
 
     def stat(self, keys):
         """Every present map has the row size and the data file's modification time: rewriting
         labels.npy re-checks all of them."""
         st = os.stat(self._data_path)
-        rows = np.array([self._rows.get(key, -1) for key in keys], np.int64)
+        rows = self.rows(keys)
         row_bytes = int(np.prod(self._stored_shape)) * self._open().dtype.itemsize
         present = rows >= 0
         return np.where(present, row_bytes, -1), np.where(present, st.st_mtime_ns, -1)
 
     def validate(self, keys, images=None):
         """The rows of ``keys`` read in file order and checked together."""
-        rows = np.array([self._rows[key] for key in keys], np.int64)
+        rows = self.rows(keys)
         if keys:
             self._check_shape(self._stored_shape, keys[0], images[0] if images is not None else None)
         order = np.argsort(rows)

@@ -44,13 +44,14 @@ def make_tree(root, names=("a/x", "a/y", "b/z", "b/w")):
     return images, labels
 
 
-def cfg(images, labels, **store):
+def cfg(images, labels, name="npy", **store):
     return {"dataset": {"name": "ImageFolder", "root": images},
-            "label_store": {"name": "npy", "root": labels, **store},
+            "label_store": {"name": name, "root": labels, **store},
             "transforms": [{"name": "RandomResizedCrop", "size": 32}], "skip_bad_images": False}
 
 
 def build(images, labels, num_classes=10, **store):
+    np.random.seed(0)
     return build_dataset(cfg(images, labels, **store), "train", num_classes, (2, 2))
 
 
@@ -122,6 +123,23 @@ def test_malformed_maps_are_reported_with_their_path_at_start(tmp_path, damage):
                 "range": "class index 10, outside 0..9", "pickle": "Python objects", "truncated": "truncated"}
     with pytest.raises(DataError, match=r"a/y\.npy.*" + messages[damage]):
         build(images, labels)
+
+
+def test_packed_store_is_checked_once_and_again_when_its_file_changes(tmp_path):
+    from passl.data.label_maps import pack_label_maps
+    images, labels = make_tree(str(tmp_path))
+    packed = str(tmp_path / "packed")
+    pack_label_maps(LABEL_STORES.build({"name": "npy", "root": labels}), packed, progress=False)
+    os.utime(os.path.join(packed, "labels.npy"), (OLD, OLD))
+    first = build(images, packed, name="packed")
+    assert first.label_check.maps_read == 4 and first.label_check.index_path.startswith(packed)
+    assert build(images, packed, name="packed").label_check.maps_read == 0
+    np.testing.assert_array_equal(first[0]["token_probs"], build(images, labels)[0]["token_probs"])
+    data = np.load(os.path.join(packed, "labels.npy"))
+    data[2, 0, 0, 0, 0] = np.nan                      # the row of b/w (keys are sorted)
+    np.save(os.path.join(packed, "labels.npy"), data)
+    with pytest.raises(DataError, match=r"labels\.npy\[b/w\].*non-finite"):
+        build(images, packed, name="packed")
 
 
 def test_class_range_follows_num_classes_from_the_index(tmp_path):
