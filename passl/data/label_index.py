@@ -235,9 +235,10 @@ def shared_label_check(source, store, num_classes, fallback_dir=None, progress=N
     processes read the sample list and the flags from it. One process: ``check_label_maps``."""
     from passl.utils import distributed as du
     path = index_file(store, source.root, fallback_dir)
-    if du.world_size() == 1:
-        return check_label_maps(source, store, num_classes, path, progress)
     import paddle
+    import paddle.distributed as dist
+    if du.world_size() == 1 or not dist.is_initialized():   # one process, or one outside the run's group
+        return check_label_maps(source, store, num_classes, path, progress)
     scanner = du.local_rank() == 0 or path is None or not hasattr(source, "adopt")
     report, error = None, None
     if scanner:
