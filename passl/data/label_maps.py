@@ -81,7 +81,8 @@ def check_content(maps, where):
 
 
 class LabelStore:
-    """Base class. Subclasses implement ``path(key)``, ``_shape(key)`` (cheap) and ``_read(key)``.
+    """Base class. Subclasses implement ``path(key)``, ``_shape(key)`` and ``_read(key)``; ``stat`` and
+    ``validate`` serve the start-up check (passl.data.label_index).
 
     ``allow_missing``: images without a map train with their one-hot label instead of failing the build.
     ``map_shape``: expected [K, H, W]; when null, the first map checked sets it for the rest.
@@ -178,25 +179,6 @@ class LabelStore:
         return array if dtype is None else array.astype(dtype, copy=False)
 
 
-def _npy_header(path):
-    """(shape, dtype) from a .npy header without reading the data; ValueError if the file is shorter
-    than its header says (a truncated copy) or holds Python objects (a pickle, never loaded)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        if dtype.hasobject:
-            raise ValueError("it holds Python objects (a pickle), which is refused: a label map is an "
-                             "array of numbers")
-        expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
-        actual = os.fstat(f.fileno()).st_size
-    if actual < expected:
-        raise ValueError(f"truncated: {actual} bytes, the header promises {expected}")
-    return shape, dtype
-
-
 _NPY_HEADERS = {}   # header bytes -> (shape, fortran_order, dtype): the maps of a store share one header
 
 
@@ -244,10 +226,7 @@ class NpyLabelStore(LabelStore):
         super().__init__(root, coverage, allow_missing, map_shape, check, index_dir)
 
     def _shape(self, key):
-        try:
-            return _npy_header(self.path(key))[0]
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"label map {self.path(key)} is not a readable .npy file: {e}") from None
+        return self.load(key, dtype=None).shape
 
     def _read(self, key):
         with open(self.path(key), "rb") as f:
