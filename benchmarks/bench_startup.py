@@ -43,7 +43,8 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--num-images", type=int, default=200000)
     p.add_argument("--root", default="/tmp/passl_bench_startup", help="where the synthetic tree is built or reused")
-    p.add_argument("--stores", default="npy,packed", help="label stores to time: npy, packed")
+    p.add_argument("--stores", default="npy,packed",
+                   help="label stores to time: npy, packed; none: the config's evaluation set (no maps)")
     p.add_argument("--starts", default="first-cold,first-warm,second-cold,second-warm",
                    help="which starts to run (first = no index, second = index kept)")
     p.add_argument("--workers", type=int, default=2, help="loader workers (the memory pass runs in them)")
@@ -231,16 +232,19 @@ def child(args):
     imported = time.perf_counter() - t0
     store = args.child
     cfg = load_config(args.config)
-    split = dict(cfg["data"]["train"])
+    name = "val" if store == "none" else "train"     # none: the evaluation set (no label maps)
+    split = dict(cfg["data"][name])
     split["dataset"] = dict(split["dataset"], root=os.path.join(args.root, "images"))
-    split["label_store"] = {"name": store, "root": os.path.join(args.root, "labels" if store == "npy" else "packed")}
+    split["label_store"] = None if store == "none" else {
+        "name": store, "root": os.path.join(args.root, "labels" if store == "npy" else "packed")}
     model_cfg = cfg["model"]
     paddle.set_device("cpu")
     start = time.perf_counter()
     kwargs = {"cache_dir": os.path.join(args.root, "out")} if "cache_dir" in build_dataset.__code__.co_varnames else {}
-    dataset = build_dataset(split, "train", model_cfg["num_classes"], (14, 14), model_cfg["img_size"], **kwargs)
+    dataset = build_dataset(split, name, model_cfg["num_classes"], (14, 14), model_cfg["img_size"], **kwargs)
     ready = time.perf_counter() - start
-    loader = Loader(dataset, args.batch_size, collate_fn, num_workers=args.workers, shuffle=True, drop_last=True)
+    loader = Loader(dataset, args.batch_size, collate_fn, num_workers=args.workers, shuffle=name == "train",
+                    drop_last=name == "train")
     loader.set_epoch(0)
     batch = next(iter(loader))
     first = time.perf_counter() - start
