@@ -186,17 +186,14 @@ def check_label_maps(source, store, num_classes, index_path=None, progress=None)
         top[chunk] = result
         unread[chunk] = False
 
-    todo = np.flatnonzero(changed)
-    try:
-        _run_chunks(lambda chunk: store.validate(keys_of(chunk), [source.image_path(i) for i in chunk]),
-                    _chunks(todo, _READ_CHUNK), todo.size, "label maps: check", progress, validate_done)
-    finally:
+    def write_index():
         if index_path and (cached is None or differs.any() or not _same(cached["paths"], paths)):
-            racy = mtimes >= start_ns - _RACY_NS
-            record = unread | racy
+            record = unread | (mtimes >= start_ns - _RACY_NS)
             _write_index(index_path, source, store, np.where(record, _UNKNOWN, sizes),
                          np.where(record, _UNKNOWN, mtimes), top)
-    if not present.all() and not store.allow_missing:
+
+    if not present.all() and not store.allow_missing:   # before reading any map: a wrong root fails fast
+        write_index()
         first = int(np.flatnonzero(~present)[0])
         more = int((~present).sum()) - 1
         key = label_key(paths[first])
@@ -204,6 +201,12 @@ def check_label_maps(source, store, num_classes, index_path=None, progress=None)
                         + (f" ({more} more images have none)" if more else "") + ". Point label_store.root at the "
                         "label-map folder, or set label_store.allow_missing: true to train such images on their "
                         "image label")
+    todo = np.flatnonzero(changed)
+    try:
+        _run_chunks(lambda chunk: store.validate(keys_of(chunk), [source.image_path(i) for i in chunk]),
+                    _chunks(todo, _READ_CHUNK), todo.size, "label maps: check", progress, validate_done)
+    finally:
+        write_index()   # what was checked stays checked, also when a bad map stopped the check
     _check_class_range(top, num_classes, source, store)
     return CheckReport(present, int(todo.size), False, index_path, time.perf_counter() - start)
 
