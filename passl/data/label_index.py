@@ -97,6 +97,7 @@ def read_index(path, source, store):
             return None
         arrays["paths"] = PathTable(arrays.pop("path_data"), arrays.pop("path_offsets"))
         arrays["map_shape"] = tuple(meta["map_shape"]) if meta.get("map_shape") else None
+        arrays["signature"] = meta.get("signature")
         n = len(arrays["paths"])
         if not all(arrays[k].shape == (n,) for k in ("labels", "map_size", "map_mtime", "max_class")):
             return None
@@ -107,7 +108,9 @@ def read_index(path, source, store):
 
 
 def _write_index(path, source, store, sizes, mtimes, max_class):
-    meta = dict(_meta(source, store), map_shape=list(store.map_shape) if store.map_shape else None)
+    signature = store.signature()
+    meta = dict(_meta(source, store), map_shape=list(store.map_shape) if store.map_shape else None,
+                signature=list(signature) if signature is not None else None)
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -174,8 +177,13 @@ def check_label_maps(source, store, num_classes, index_path=None, progress=None)
     def stat_done(chunk, result):
         sizes[chunk], mtimes[chunk] = result
 
-    _run_chunks(lambda chunk: store.stat(keys_of(chunk)), _chunks(np.arange(count)), count,
-                "label maps: stat", progress, stat_done)
+    signature = store.signature()
+    if (cached is not None and signature is not None and cached["signature"] == list(signature)
+            and _same(cached["paths"], paths) and (prev_size != _UNKNOWN).all()):
+        sizes, mtimes = prev_size.copy(), prev_mtime.copy()    # one file, unchanged: nothing to stat
+    else:
+        _run_chunks(lambda chunk: store.stat(keys_of(chunk)), _chunks(np.arange(count)), count,
+                    "label maps: stat", progress, stat_done)
     present = sizes >= 0
     differs = (sizes != prev_size) | (mtimes != prev_mtime)
     changed = present & differs

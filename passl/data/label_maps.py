@@ -142,6 +142,10 @@ class LabelStore:
             raise DataError(f"label map {self.path(key)} (for image {image or key}) has shape {shape}; "
                             f"expected [2, {', '.join(map(str, self.map_shape))}] like the other maps")
 
+    def signature(self):
+        """The store's (size, mtime) as a whole, or None where only each map's own ``stat`` tells."""
+        return None
+
     def stat(self, keys):
         """(size, mtime_ns) int64 arrays of the maps of ``keys``; -1 for a missing map. What the cached
         start-up check compares with its index to find the maps that changed."""
@@ -314,7 +318,10 @@ class PackedLabelStore(LabelStore):
         super().__init__(root, recorded, allow_missing, map_shape, check, index_dir)
         # the keys as one sorted bytes array (not a dict of 1.28 M str: forked workers would copy it)
         encoded = np.array([key.encode("utf-8", "surrogateescape") for key in index["keys"]], dtype=bytes)
-        self._order = np.argsort(encoded, kind="stable")
+        if encoded.size < 2 or bool(np.all(encoded[1:] > encoded[:-1])):   # pack_label_maps writes them sorted
+            self._order = np.arange(encoded.size)
+        else:
+            self._order = np.argsort(encoded, kind="stable")
         self._sorted = encoded[self._order]
         self._data_path = os.path.join(root, PACKED_DATA)
         self._stored_shape = tuple(index["shape"])
@@ -351,14 +358,19 @@ class PackedLabelStore(LabelStore):
             raise DataError(f"no label map for {key} in {self._data_path}")
         return np.array(self._open()[row])
 
+    def signature(self):
+        """(size, mtime_ns) of the store as a whole: labels.npy's size and the later modification time of
+        labels.npy and index.json. Unchanged, with the same sample list, nothing needs a stat or a read."""
+        data, index = os.stat(self._data_path), os.stat(os.path.join(self.root, PACKED_INDEX))
+        return data.st_size, max(data.st_mtime_ns, index.st_mtime_ns)
+
     def stat(self, keys):
-        """Every present map has the row size and the data file's modification time: rewriting
-        labels.npy re-checks all of them."""
-        st = os.stat(self._data_path)
+        """Every present map has the row size and the store's signature time: rewriting labels.npy or
+        index.json re-checks all of them."""
         rows = self.rows(keys)
         row_bytes = int(np.prod(self._stored_shape)) * self._open().dtype.itemsize
         present = rows >= 0
-        return np.where(present, row_bytes, -1), np.where(present, st.st_mtime_ns, -1)
+        return np.where(present, row_bytes, -1), np.where(present, self.signature()[1], -1)
 
     def validate(self, keys, images=None):
         """The rows of ``keys`` read in file order and checked together."""
