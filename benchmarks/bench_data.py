@@ -18,6 +18,7 @@ Prints one JSON object.
 
     python benchmarks/bench_data.py
     python benchmarks/bench_data.py -c configs/lvvit/lvvit_small.yaml --num-images 64 --passes 3
+    python benchmarks/bench_data.py --split val      # the evaluation pipeline: resize, centre crop
 """
 import argparse
 import collections
@@ -53,6 +54,8 @@ def build_parser():
     p.add_argument("--map-size", type=int, default=15, help="label-map cells per side")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--no-label-maps", action="store_true", help="one-hot targets only (no label store)")
+    p.add_argument("--split", choices=("train", "val"), default="train",
+                   help="val: the evaluation pipeline (data.val transforms, no label maps, no targets)")
     p.add_argument("--data-dir", default=None, help="keep the generated data here (default: a temp dir, removed)")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     p.add_argument("--seed", type=int, default=0)
@@ -178,11 +181,11 @@ def main(argv=None):
     root = args.data_dir or tempfile.mkdtemp(prefix="passl_bench_data_")
     try:
         jpeg_bytes = generate(root, args.num_images, num_classes, args.map_size, args.top_k, args.seed)
-        split = dict(base["data"]["train"])
-        split["dataset"] = dict(split["dataset"], root=os.path.join(root, "images"))
-        split["label_store"] = None if args.no_label_maps else {
+        split = dict(base["data"][args.split])
+        split["dataset"] = dict(split["dataset"] or {"name": "ImageFolder"}, root=os.path.join(root, "images"))
+        split["label_store"] = None if args.no_label_maps or args.split == "val" else {
             "name": "npy", "root": os.path.join(root, "labels"), "coverage": "center_square"}
-        dataset = build_dataset(split, "train", num_classes, grid, img_size)
+        dataset = build_dataset(split, args.split, num_classes, grid, img_size)
         clock = StageClock()
         instrument(dataset, clock)
         result = run_passes(dataset, collate_fn, args, clock)
@@ -192,7 +195,8 @@ def main(argv=None):
             shutil.rmtree(root, ignore_errors=True)
     result.update({
         "benchmark": "data", "config": os.path.relpath(args.config, _common.REPO), "num_images": args.num_images,
-        "mean_jpeg_kb": jpeg_bytes / args.num_images / 1024, "label_maps": not args.no_label_maps,
+        "split": args.split, "mean_jpeg_kb": jpeg_bytes / args.num_images / 1024,
+        "label_maps": not args.no_label_maps and args.split == "train",
         "map_shape": [2, args.top_k, args.map_size, args.map_size], "grid": list(grid), "num_classes": num_classes,
         "transforms": [t.label for t in dataset.transforms], "env": _common.environment("cpu"),
     })

@@ -1,7 +1,8 @@
 """Image datasets with dense label maps: the index of images, decoding, and the per-sample pipeline.
 
-A DATASETS entry (e.g. ``ImageFolder``) is an *image source*: ``samples`` [(relpath, class)],
-``classes``, ``image_path(i)`` and ``load(i, max_reduction)``. :func:`build_dataset` wraps it with a
+A DATASETS entry (e.g. ``ImageFolder``) is an *image source*: ``paths`` (a PathTable of relative paths)
+and ``labels`` (int32 array), ``classes``, ``image_path(i)`` and ``load(i, max_reduction)``; sample
+lists are numpy arrays, not Python lists, so forked loader workers share them instead of copying them. :func:`build_dataset` wraps it with a
 label store, the transforms and the target builder into a :class:`TokenLabelDataset` whose items are
 dicts of numpy arrays (workers never create paddle tensors):
 
@@ -15,6 +16,7 @@ Normalize and the pixel work of RandomErasing run on the collated batch on the t
 Randomness comes from one numpy Generator per item, seeded from numpy's global generator, which
 ``passl.data.loader`` reseeds per sample from (seed, epoch, position).
 """
+import io
 import math
 import os
 
@@ -22,7 +24,10 @@ import numpy as np
 import paddle
 from PIL import Image
 
+from passl.data.label_index import shared_label_check
+from passl.data import pixels
 from passl.data.label_maps import coverage_region, label_key
+from passl.data.paths import PathTable, SampleList
 from passl.data.pipeline import build_transforms, split_device_stage
 from passl.data.targets import build_token_targets, fallback_targets
 from passl.data.transforms import Sample
@@ -71,34 +76,52 @@ def read_class_names(spec):
 
 
 class ImageSource:
-    """Base of DATASETS entries. Subclasses set ``root``, ``samples``, ``classes`` (and ``class_names``)."""
+    """Base of DATASETS entries. Subclasses set ``root``, ``classes`` (and ``class_names``), and ``paths``
+    (a PathTable of image paths relative to ``root``) with ``labels`` (int32 [n] class indices)."""
 
     root = ""
-    samples = ()
     classes = ()
     draft = True
 
+    @property
+    def samples(self):
+        """``(relative path, class index)`` per image (a read-only sequence)."""
+        return SampleList(self.paths, self.labels)
+
     def __len__(self):
-        return len(self.samples)
+        return len(self.paths)
 
     def image_path(self, index):
-        return os.path.join(self.root, self.samples[index][0])
+        return os.path.join(self.root, self.paths[index])
 
     def load(self, index, max_reduction=None):
         """Decode image ``index`` as RGB. ``max_reduction(size) -> float`` says how far a JPEG may be
-        shrunk while decoding (draft mode, factors 2/4/8). Returns (PIL image, original (w, h), factor)."""
+        shrunk while decoding (draft mode, factors 2/4/8). Returns (image, original (w, h), factor):
+        a uint8 [H, W, 3] array for colour and grey JPEGs (decoded by OpenCV's libjpeg-turbo: the
+        same pixels as PIL's, at the same reductions, without PIL's copy), else a PIL RGB image."""
         path = self.image_path(index)
         try:
-            with Image.open(path) as img:
+            with open(path, "rb") as f:
+                data = f.read()
+            with Image.open(io.BytesIO(data)) as img:   # reads the header only
                 size = img.size
-                factor = 1
                 limit = max_reduction(size) if max_reduction is not None else 1
+                scale = 1
                 if self.draft and img.format == "JPEG" and limit >= 2:
+                    # the reduction PIL's JpegImageFile.draft picks for this request
                     wanted = 2 ** min(3, int(math.floor(math.log2(limit))))
-                    img.draft("RGB", (-(-size[0] // wanted), -(-size[1] // wanted)))
-                    factor = 2 ** int(round(math.log2(size[0] / img.size[0])))
+                    fits = min(size[0] // -(-size[0] // wanted), size[1] // -(-size[1] // wanted))
+                    scale = next(s for s in (8, 4, 2, 1) if fits >= s)
+                # OpenCV decodes a truncated JPEG without a word: files not ending in the end-of-image
+                # marker go to PIL, which says "truncated" (or decodes them as it always did)
+                if img.format == "JPEG" and img.mode in ("RGB", "L") and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+                    image = pixels.decode_jpeg(data, scale)
+                    return image, size, scale
+                if scale > 1:
+                    img.draft("RGB", (-(-size[0] // scale), -(-size[1] // scale)))
                 img.load()
                 image = img if img.mode == "RGB" else img.convert("RGB")
+                factor = 2 ** int(round(math.log2(size[0] / image.size[0])))
         except Exception as e:  # noqa: BLE001 (any decoder failure means a bad file)
             raise BadImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
         return image, size, factor
@@ -109,6 +132,8 @@ class ImageFolder(ImageSource):
     """ImageNet layout: ``root/<class_dir>/<image>``; classes are the sorted folder names, or the
     order of ``class_names`` (a file with one '<dir> [readable name]' per line, or a list).
 
+    The class folders are listed when the images are first needed (``paths``), unless the sample list
+    comes from a label-map index another process wrote (``adopt``).
     draft: let JPEG decoding shrink large images by 2/4/8 where the crop still gets enough pixels.
     """
 
@@ -116,25 +141,48 @@ class ImageFolder(ImageSource):
         if not os.path.isdir(root):
             raise DataError(f"dataset folder not found: {root} (expected root/<class_dir>/<image>)")
         self.root, self.draft = root, draft
-        exts = tuple(e.lower() for e in extensions)
-        found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.extensions = tuple(e.lower() for e in extensions)
+        self._found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if class_names is not None:
             self.classes, self.class_names = read_class_names(class_names)
-            extra = sorted(set(found) - set(self.classes))
+            extra = sorted(set(self._found) - set(self.classes))
             if extra:
                 raise DataError(f"{root}: folder(s) {', '.join(extra[:5])} are not in class_names "
                                 f"({len(self.classes)} classes); add them or remove the folders")
         else:
-            self.classes, self.class_names = found, list(found)
+            self.classes, self.class_names = self._found, list(self._found)
+        self._paths = self._labels = None
+        self.listed = False     # True once this process has listed the class folders
+
+    @property
+    def paths(self):
+        if self._paths is None:
+            self._scan()
+        return self._paths
+
+    @property
+    def labels(self):
+        if self._labels is None:
+            self._scan()
+        return self._labels
+
+    def _scan(self):
         index = {name: i for i, name in enumerate(self.classes)}
-        samples = []
-        for name in found:
-            files = sorted(e.name for e in os.scandir(os.path.join(root, name))
-                           if e.is_file() and e.name.lower().endswith(exts))
-            samples.extend((f"{name}/{f}", index[name]) for f in files)
-        if not samples:
-            raise DataError(f"no images ({', '.join(exts)}) found in {root}/<class_dir>/")
-        self.samples = samples
+        names, counts = [], []
+        for name in self._found:
+            # names only (no per-entry stat or DirEntry): a folder named like an image would fail to decode
+            files = sorted(f for f in os.listdir(os.path.join(self.root, name)) if f.lower().endswith(self.extensions))
+            names.extend(f"{name}/{f}" for f in files)
+            counts.append((index[name], len(files)))
+        if not names:
+            raise DataError(f"no images ({', '.join(self.extensions)}) found in {self.root}/<class_dir>/")
+        self.listed = True
+        self._paths = PathTable.from_strings(names)
+        self._labels = np.repeat(np.array([c for c, _ in counts], np.int32), [n for _, n in counts])
+
+    def adopt(self, paths, labels):
+        """Use this sample list (a PathTable, int labels) instead of listing the folders."""
+        self._paths, self._labels = paths, np.asarray(labels, np.int32)
 
 
 class ImageFiles(ImageSource):
@@ -143,7 +191,8 @@ class ImageFiles(ImageSource):
     draft = False
 
     def __init__(self, paths):
-        self.samples = [(str(path), 0) for path in paths]
+        self.paths = PathTable.from_strings(str(path) for path in paths)
+        self.labels = np.zeros(len(self.paths), np.int32)
         self.classes = self.class_names = ("image",)
 
 
@@ -151,7 +200,9 @@ class TokenLabelDataset(paddle.io.Dataset):
     """Items of ``source`` through ``transforms``, with compact token targets when ``targets``.
 
     label_store: a LABEL_STORES object or None (then targets are one-hot). Every map is checked
-    once here (missing / wrong shape -> DataError naming the image and the path looked up).
+    here, before any step (missing, wrong shape or dtype, NaN, class outside 0..num_classes-1 ->
+    DataError naming the image and the map), through the index of passl.data.label_index, kept in
+    the store's index_dir (or its root, else ``cache_dir``) and shared by the processes of a machine.
     skip_bad_images: an undecodable image is replaced by the next decodable one (deterministic)
     and listed in ``bad_images``; otherwise it raises DataError naming the file.
 
@@ -160,29 +211,27 @@ class TokenLabelDataset(paddle.io.Dataset):
     """
 
     def __init__(self, source, transforms, label_store=None, num_classes=1000, grid_size=(14, 14),
-                 targets=True, skip_bad_images=False, progress=None):
+                 targets=True, skip_bad_images=False, progress=None, cache_dir=None):
         self.transforms, self.normalize, self.erasing = split_device_stage(transforms)
         self.source, self.label_store = source, label_store
         self.num_classes, self.grid_size = int(num_classes), tuple(int(g) for g in grid_size)
         self.targets, self.skip_bad_images = targets, skip_bad_images
         self.bad_images = []
-        labels = [label for _, label in source.samples]
-        if labels and max(labels) >= self.num_classes:
-            raise ConfigError(f"{source.root}: {len(source.classes)} classes but the model has "
-                              f"num_classes={self.num_classes}; set model.num_classes: {len(source.classes)}")
-        self.keys = [label_key(rel) for rel, _ in source.samples]
-        self.has_map = np.zeros(len(self.keys), bool)
+        self.label_check = None
         if label_store is not None:
-            self._check_label_maps(progress)
+            # lists the images on one process per machine; the others take the list from its index
+            self.label_check = shared_label_check(source, label_store, self.num_classes, cache_dir, progress)
+            self.has_map = self.label_check.has_map
+            self.missing_maps = self.label_check.missing
+        self._check_classes()
+        if label_store is None:
+            self.has_map = np.zeros(len(source), bool)
 
-    def _check_label_maps(self, progress):
-        items = range(len(self.keys))
-        if progress or (progress is None and len(self.keys) > 20000):
-            from tqdm import tqdm
-            items = tqdm(items, desc="check label maps", unit="img", mininterval=1.0)
-        for i in items:
-            self.has_map[i] = self.label_store.check(self.keys[i], image=self.source.image_path(i))
-        self.missing_maps = int((~self.has_map).sum())
+    def _check_classes(self):
+        labels = self.source.labels
+        if len(labels) and int(np.max(labels)) >= self.num_classes:
+            raise ConfigError(f"{self.source.root}: {len(self.source.classes)} classes but the model has "
+                              f"num_classes={self.num_classes}; set model.num_classes: {len(self.source.classes)}")
 
     def __len__(self):
         return len(self.source)
@@ -218,7 +267,7 @@ class TokenLabelDataset(paddle.io.Dataset):
 
     def load_item(self, index, rng):
         """Run one sample through decode, transforms and targets (no skipping)."""
-        label = self.source.samples[index][1]
+        label = int(self.source.labels[index])
         label_map = self.load_label_map(index) if self.has_map[index] else None
         sample = self.decode(index, label_map, rng)
         for transform in self.transforms:
@@ -249,7 +298,7 @@ class TokenLabelDataset(paddle.io.Dataset):
 
     def load_label_map(self, index):
         """float32 [2, K, h, w] of image ``index``; DataError naming the file for bad class indices."""
-        key = self.keys[index]
+        key = label_key(self.source.paths[index])
         label_map = self.label_store.load(key)
         classes, scores = label_map[1], label_map[0]
         if not (np.isfinite(scores).all() and np.isfinite(classes).all()
@@ -272,7 +321,8 @@ class TokenLabelDataset(paddle.io.Dataset):
         sample = holder.get("sample") or Sample(size=size)
         sample.image = image
         # a draft-decoded pixel covers factor x factor original pixels
-        sample.view = (0.0, 0.0, float(image.size[0] * factor), float(image.size[1] * factor))
+        width, height = sample.image_size()
+        sample.view = (0.0, 0.0, float(width * factor), float(height * factor))
         if label_map is not None:
             sample.label_map = label_map
             sample.map_region = coverage_region(self.label_store.coverage, *size)
@@ -280,11 +330,11 @@ class TokenLabelDataset(paddle.io.Dataset):
 
 
 def to_uint8_chw(image):
-    """PIL RGB image -> contiguous uint8 [3, H, W]."""
+    """PIL RGB image or uint8 [H, W, 3] -> contiguous uint8 [3, H, W]."""
     return np.ascontiguousarray(np.asarray(image, np.uint8).transpose(2, 0, 1))
 
 
-def build_dataset(split_cfg, split, num_classes, grid_size, img_size=None):
+def build_dataset(split_cfg, split, num_classes, grid_size, img_size=None, cache_dir=None):
     """The dataset of one split from its validated config section (``cfg['data'][split]``).
 
     split_cfg keys: dataset {name, ...} (DATASETS), label_store null | {name, ...} (LABEL_STORES),
@@ -292,7 +342,8 @@ def build_dataset(split_cfg, split, num_classes, grid_size, img_size=None):
     split: 'train' (items carry compact token targets) or 'val'.
     num_classes, grid_size, img_size: the model's ``num_classes``, ``grid_size`` ((rows, cols) of its
     token grid, on which the targets are pooled) and ``img_size``, the size of every transform whose
-    config leaves ``size`` out (see pipeline.py).
+    config leaves ``size`` out (see pipeline.py). cache_dir: where the label-map index goes when the
+    label root is read-only and the store names no index_dir (the trainer passes output_dir).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -305,7 +356,7 @@ def build_dataset(split_cfg, split, num_classes, grid_size, img_size=None):
     if isinstance(grid_size, int):
         grid_size = (grid_size, grid_size)
     return TokenLabelDataset(source, transforms, store, num_classes, grid_size, targets=(split == "train"),
-                             skip_bad_images=bool(split_cfg.get("skip_bad_images", False)))
+                             skip_bad_images=bool(split_cfg.get("skip_bad_images", False)), cache_dir=cache_dir)
 
 
 def check_same_classes(classes, expected, where, expected_from, fix):

@@ -16,6 +16,7 @@ Stores (registered in LABEL_STORES):
   written by :func:`pack_label_maps` (``tools/convert_labels.py --to packed``), so a run opens one file,
   not 1.28 M.
 """
+import io
 import json
 import os
 
@@ -27,9 +28,11 @@ from passl.registry import LABEL_STORES
 from passl.utils.fileio import atomic_path, write_text
 
 __all__ = ["COVERAGES", "LabelStore", "NpyLabelStore", "PthLabelStore", "PackedLabelStore", "label_key",
-           "coverage_region", "list_label_keys", "pack_label_maps", "write_npy_tree", "PACKED_FORMAT"]
+           "coverage_region", "list_label_keys", "pack_label_maps", "write_npy_tree", "PACKED_FORMAT", "CHECKS",
+           "check_content"]
 
 COVERAGES = ("center_square", "full")
+CHECKS = ("cached", "full")
 PACKED_FORMAT = "passl-packed-label-maps"
 PACKED_DATA, PACKED_INDEX = "labels.npy", "index.json"
 MapShape = ranged(list, 1, kind=int, length=3, note="[K, H, W] of every map")
@@ -56,20 +59,55 @@ def _check_coverage(coverage, where):
         raise DataError(f"{where}: coverage must be one of {', '.join(COVERAGES)}, got {coverage!r}")
 
 
+def check_content(maps, where):
+    """Check a stack of label maps ``maps`` [n, 2, K, H, W] (float16/float32): finite scores, class indices
+    that are whole numbers >= 0. ``where(i) -> (map path, image)`` names map i in the DataError raised for
+    the first bad one. Returns the largest class index of each map, int32 [n] (the class range is
+    checked against num_classes by the caller, so that one check serves any num_classes)."""
+    if not np.issubdtype(maps.dtype, np.floating):
+        path, image = where(0)
+        raise DataError(f"label map {path} (for image {image}) holds {maps.dtype}; expected float16 or float32")
+    count = len(maps)
+    if maps.dtype == np.float16:   # numpy's float16 arithmetic is slow: test the exponent bits, convert the classes
+        finite = ((maps.view(np.uint16) & 0x7C00) != 0x7C00).reshape(count, -1).all(1)
+        flat_classes = maps[:, 1].reshape(count, -1).astype(np.float32)
+    else:
+        finite = np.isfinite(maps.reshape(count, -1)).all(1)
+        flat_classes = maps[:, 1].reshape(count, -1)
+    whole = (flat_classes == np.rint(flat_classes)).all(1) & (flat_classes.min(1, initial=0) >= 0)
+    bad = np.flatnonzero(~(finite & whole))
+    if bad.size:
+        path, image = where(int(bad[0]))
+        what = "non-finite values (NaN or inf)" if not finite[bad[0]] else \
+            "class indices that are negative or not whole numbers"
+        raise DataError(f"label map {path} (for image {image}) holds {what}; it is damaged or not a label map "
+                        "([2, K, H, W]: scores, then class indices). Regenerate or remove it"
+                        + (f" ({bad.size} such maps in this batch of {count})" if bad.size > 1 else ""))
+    return np.rint(flat_classes.max(1, initial=0)).astype(np.int32)
+
+
 class LabelStore:
-    """Base class. Subclasses implement ``path(key)``, ``_shape(key)`` (cheap) and ``_read(key)``.
+    """Base class. Subclasses implement ``path(key)``, ``_shape(key)`` and ``_read(key)``; ``stat`` and
+    ``validate`` serve the start-up check (passl.data.label_index).
 
     ``allow_missing``: images without a map train with their one-hot label instead of failing the build.
     ``map_shape``: expected [K, H, W]; when null, the first map checked sets it for the rest.
+    ``check``: how the start-up check uses its index (passl.data.label_index): ``cached`` re-reads only
+    the maps whose size or modification time changed since the last check; ``full`` reads every map.
+    ``index_dir``: where that index is kept (null: ``<root>/.passl_index`` when writable, else output_dir).
     """
 
     suffix = ""
 
-    def __init__(self, root, coverage="center_square", allow_missing=False, map_shape=None):
+    def __init__(self, root, coverage="center_square", allow_missing=False, map_shape=None, check="cached",
+                 index_dir=None):
         self.root = root
         self.coverage = coverage
         self.allow_missing = allow_missing
         self.map_shape = tuple(map_shape) if map_shape is not None else None
+        if check not in CHECKS:
+            raise DataError(f"label store at {root}: check must be one of {', '.join(CHECKS)}, got {check!r}")
+        self.check_mode, self.index_dir = check, index_dir
         if coverage is not None:
             _check_coverage(coverage, f"label store at {root}")
 
@@ -106,6 +144,34 @@ class LabelStore:
             raise DataError(f"label map {self.path(key)} (for image {image or key}) has shape {shape}; "
                             f"expected [2, {', '.join(map(str, self.map_shape))}] like the other maps")
 
+    def signature(self):
+        """The store's (size, mtime) as a whole, or None where only each map's own ``stat`` tells."""
+        return None
+
+    def stat(self, keys):
+        """(size, mtime_ns) int64 arrays of the maps of ``keys``; -1 for a missing map. What the cached
+        start-up check compares with its index to find the maps that changed."""
+        prefix, suffix, stat = os.path.join(self.root, ""), self.suffix, os.stat
+        sizes, mtimes = [-1] * len(keys), [-1] * len(keys)
+        for i, key in enumerate(keys):
+            try:
+                st = stat(prefix + key + suffix)
+            except OSError:
+                continue
+            sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+        return np.array(sizes, np.int64), np.array(mtimes, np.int64)
+
+    def validate(self, keys, images=None):
+        """Read the maps of ``keys`` (all present) and check shape, dtype and content; DataError naming
+        the first bad map and its image. Returns the largest class index of each map, int32 [n]."""
+        top = np.zeros(len(keys), np.int32)
+        for i, key in enumerate(keys):
+            image = images[i] if images is not None else None
+            array = self.load(key, dtype=None)
+            self._check_shape(array.shape, key, image)
+            top[i] = check_content(array[None], lambda j: (self.path(key), image))[0]
+        return top
+
     def load(self, key, dtype=np.float32):
         """The map of ``key`` as [2, K, H, W] ``dtype`` (None: as stored, float16 stays float16);
         DataError naming the file if it cannot be read."""
@@ -123,23 +189,40 @@ class LabelStore:
         return array if dtype is None else array.astype(dtype, copy=False)
 
 
-def _npy_header(path):
-    """(shape, dtype) from a .npy header without reading the data; ValueError if the file is shorter
-    than its header says (a truncated copy) or holds Python objects (a pickle, never loaded)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        if dtype.hasobject:
-            raise ValueError("it holds Python objects (a pickle), which is refused: a label map is an "
-                             "array of numbers")
-        expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
-        actual = os.fstat(f.fileno()).st_size
-    if actual < expected:
-        raise ValueError(f"truncated: {actual} bytes, the header promises {expected}")
-    return shape, dtype
+_NPY_HEADERS = {}   # header bytes -> (shape, fortran_order, dtype): the maps of a store share one header
+
+
+def _parse_npy(data):
+    """[2, K, H, W] array (read-only, on ``data``'s bytes) from the bytes of a .npy file; ValueError if
+    they are not one, hold Python objects (never unpickled) or are shorter than the header says."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy file (no numpy magic string)")
+    if data[6] == 1:
+        start, length = 10, int.from_bytes(data[8:10], "little")
+    else:
+        start, length = 12, int.from_bytes(data[8:12], "little")
+    header = bytes(data[:start + length])
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        parsed = _npy_header_of(io.BytesIO(header))
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[header] = parsed
+    shape, fortran, dtype = parsed
+    count = int(np.prod(shape))
+    if len(data) - len(header) < count * dtype.itemsize:
+        raise ValueError(f"truncated: {len(data)} bytes, the header promises {len(header) + count * dtype.itemsize}")
+    return np.frombuffer(data, dtype, count, len(header)).reshape(shape, order="F" if fortran else "C")
+
+
+def _npy_header_of(f):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects (a pickle), which is refused: a label map is an array of numbers")
+    return shape, fortran, dtype
 
 
 @LABEL_STORES.register("npy")
@@ -149,21 +232,34 @@ class NpyLabelStore(LabelStore):
     suffix = ".npy"
 
     def __init__(self, root: str, coverage: str = "center_square", allow_missing: bool = False,
-                 map_shape: MapShape = None):
-        super().__init__(root, coverage, allow_missing, map_shape)
+                 map_shape: MapShape = None, check: str = "cached", index_dir: str = None):
+        super().__init__(root, coverage, allow_missing, map_shape, check, index_dir)
 
     def _shape(self, key):
-        try:
-            return _npy_header(self.path(key))[0]
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"label map {self.path(key)} is not a readable .npy file: {e}") from None
+        return self.load(key, dtype=None).shape
 
     def _read(self, key):
+        with open(self.path(key), "rb") as f:
+            data = f.read()
         try:
-            return np.load(self.path(key), allow_pickle=False)   # never unpickles
-        except ValueError:
-            _npy_header(self.path(key))    # says "holds Python objects (a pickle), which is refused" if that is why
-            raise
+            return _parse_npy(data)   # never unpickles
+        except ValueError as e:
+            raise DataError(f"label map {self.path(key)} is not a readable .npy file: {e}") from None
+
+    def validate(self, keys, images=None):
+        """As LabelStore.validate, one file read each and the content checked for all maps at once."""
+        arrays = [self.load(key, dtype=None) for key in keys]
+        groups = {}
+        for i, array in enumerate(arrays):
+            groups.setdefault((array.shape, array.dtype.str), []).append(i)
+        top = np.zeros(len(keys), np.int32)
+        for members in groups.values():
+            first = members[0]
+            self._check_shape(arrays[first].shape, keys[first], images[first] if images is not None else None)
+            stacked = np.stack([arrays[i] for i in members])
+            top[members] = check_content(stacked, lambda j: (self.path(keys[members[j]]),
+                                                             images[members[j]] if images is not None else None))
+        return top
 
 
 @LABEL_STORES.register("pth")
@@ -177,8 +273,8 @@ class PthLabelStore(LabelStore):
     suffix = ".pth"
 
     def __init__(self, root: str, coverage: str = "center_square", allow_missing: bool = False,
-                 map_shape: MapShape = None):
-        super().__init__(root, coverage, allow_missing, map_shape)
+                 map_shape: MapShape = None, check: str = "cached", index_dir: str = None):
+        super().__init__(root, coverage, allow_missing, map_shape, check, index_dir)
 
     def _shape(self, key):
         return self.load(key).shape
@@ -204,7 +300,8 @@ class PackedLabelStore(LabelStore):
     ``coverage`` null takes the coverage recorded in the index; stating a different one is an error.
     """
 
-    def __init__(self, root: str, coverage: str = None, allow_missing: bool = False, map_shape: MapShape = None):
+    def __init__(self, root: str, coverage: str = None, allow_missing: bool = False, map_shape: MapShape = None,
+                 check: str = "cached", index_dir: str = None):
         index_path = os.path.join(root, PACKED_INDEX)
         if not os.path.isfile(index_path):
             raise DataError(f"packed label store {root}: {index_path} not found; write it with "
@@ -220,8 +317,14 @@ class PackedLabelStore(LabelStore):
         if coverage is not None and coverage != recorded:
             raise DataError(f"label_store.coverage is '{coverage}' but {index_path} records '{recorded}'; "
                             "remove the key or fix the index")
-        super().__init__(root, recorded, allow_missing, map_shape)
-        self._rows = {k: i for i, k in enumerate(index["keys"])}
+        super().__init__(root, recorded, allow_missing, map_shape, check, index_dir)
+        # the keys as one sorted bytes array (not a dict of 1.28 M str: forked workers would copy it)
+        encoded = np.array([key.encode("utf-8", "surrogateescape") for key in index["keys"]], dtype=bytes)
+        if encoded.size < 2 or bool(np.all(encoded[1:] > encoded[:-1])):   # pack_label_maps writes them sorted
+            self._order = np.arange(encoded.size)
+        else:
+            self._order = np.argsort(encoded, kind="stable")
+        self._sorted = encoded[self._order]
         self._data_path = os.path.join(root, PACKED_DATA)
         self._stored_shape = tuple(index["shape"])
         self._array = None   # opened lazily, so each worker process maps the file itself
@@ -229,19 +332,59 @@ class PackedLabelStore(LabelStore):
     def path(self, key):
         return f"{self._data_path}[{key}]"
 
+    def rows(self, keys):
+        """Row of each key in labels.npy, -1 where it has none: int64 [len(keys)]."""
+        if not len(keys) or not len(self._sorted):
+            return np.full(len(keys), -1, np.int64)
+        wanted = np.array([key.encode("utf-8", "surrogateescape") for key in keys], dtype=bytes)
+        at = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
+        return np.where(self._sorted[at] == wanted, self._order[at], -1).astype(np.int64)
+
     def __contains__(self, key):
-        return key in self._rows
+        return self.rows([key])[0] >= 0
 
     def keys(self):
-        return sorted(self._rows)
+        return [key.decode("utf-8", "surrogateescape") for key in self._sorted]
 
     def _shape(self, key):
         return self._stored_shape
 
-    def _read(self, key):
+    def _open(self):
         if self._array is None:
             self._array = np.load(self._data_path, mmap_mode="r", allow_pickle=False)
-        return np.array(self._array[self._rows[key]])
+        return self._array
+
+    def _read(self, key):
+        row = self.rows([key])[0]
+        if row < 0:
+            raise DataError(f"no label map for {key} in {self._data_path}")
+        return np.array(self._open()[row])
+
+    def signature(self):
+        """(size, mtime_ns) of the store as a whole: labels.npy's size and the later modification time of
+        labels.npy and index.json. Unchanged, with the same sample list, nothing needs a stat or a read."""
+        data, index = os.stat(self._data_path), os.stat(os.path.join(self.root, PACKED_INDEX))
+        return data.st_size, max(data.st_mtime_ns, index.st_mtime_ns)
+
+    def stat(self, keys):
+        """Every present map has the row size and the store's signature time: rewriting labels.npy or
+        index.json re-checks all of them."""
+        rows = self.rows(keys)
+        row_bytes = int(np.prod(self._stored_shape)) * self._open().dtype.itemsize
+        present = rows >= 0
+        return np.where(present, row_bytes, -1), np.where(present, self.signature()[1], -1)
+
+    def validate(self, keys, images=None):
+        """The rows of ``keys`` read in file order and checked together."""
+        rows = self.rows(keys)
+        if keys:
+            self._check_shape(self._stored_shape, keys[0], images[0] if images is not None else None)
+        order = np.argsort(rows)
+        top = np.zeros(len(keys), np.int32)
+        top[order] = check_content(np.asarray(self._open()[rows[order]]),
+                                   lambda j: (self.path(keys[order[j]]),
+                                              images[order[j]] if images is not None else None))
+        return top
 
 
 def list_label_keys(root, suffix):

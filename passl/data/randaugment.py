@@ -3,15 +3,17 @@
 ``rand-m9-mstd0.5-inc1`` means: ``n`` ops per image (default 2), each applied with probability ``p``
 (default 0.5), magnitude ~ N(m, mstd) clipped to [0, mmax] (default 10) drawn per op, ``inc1``
 selects the variants whose strength grows with the magnitude. Colour ops change the image only;
-Rotate, ShearX/Y and TranslateX/YRel apply one affine transform to the image (PIL, random bilinear
-or bicubic, ``fill`` outside) and to the label map (nearest at the map's own resolution, scores 0
-outside) -- see ``transforms.warp_label_map``.
+Rotate, ShearX/Y and TranslateX/YRel apply one affine transform to the image (random bilinear or
+bicubic, ``fill`` outside) and to the label map (nearest at the map's own resolution, scores 0
+outside) -- see ``transforms.warp_label_map``. The ops are timm's (PIL's); they run on uint8 arrays
+with OpenCV (``passl.data.pixels``, which lists where its pixels differ from PIL's).
 """
 import math
 
-from PIL import Image, ImageEnhance, ImageOps
+import numpy as np
 
-from passl.data.transforms import Transform, _check_interpolation, pil_interpolation, warp_label_map
+from passl.data import pixels
+from passl.data.transforms import Transform, _check_interpolation, interpolation_name, warp_label_map
 from passl.errors import ConfigError
 from passl.ranges import Range, ranged
 from passl.registry import TRANSFORMS
@@ -21,7 +23,6 @@ __all__ = ["RandAugment", "parse_rand_config", "GEOMETRIC_OPS", "COLOR_OPS"]
 _MAX_LEVEL = 10.0
 _GLOBAL_OPS = ("AutoContrast", "Equalize", "Contrast", "ContrastIncreasing")   # use whole-image statistics
 _TRANSLATE_PCT = 0.45
-_SOLARIZE_ADD_LUT = {}
 
 
 def _signed(value, rng):
@@ -30,12 +31,18 @@ def _signed(value, rng):
 
 # -- geometric ops: return the inverse affine (output pixel -> input pixel), PIL's convention ----------
 
+def _size(image):
+    """(width, height) of a PIL image or a uint8 [H, W, 3] array."""
+    return (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else image.size
+
+
 def _rotate(image, level, rng):
     degrees = _signed(level / _MAX_LEVEL * 30.0, rng)
     # the matrix PIL's Image.rotate builds: rotation by `degrees` anticlockwise about the centre
     angle = -math.radians(degrees)
     cos, sin = math.cos(angle), math.sin(angle)
-    cx, cy = image.size[0] / 2.0, image.size[1] / 2.0
+    width, height = _size(image)
+    cx, cy = width / 2.0, height / 2.0
     return (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
 
 
@@ -48,27 +55,38 @@ def _shear_y(image, level, rng):
 
 
 def _translate_x(image, level, rng):
-    return (1.0, 0.0, _signed(level / _MAX_LEVEL * _TRANSLATE_PCT, rng) * image.size[0], 0.0, 1.0, 0.0)
+    return (1.0, 0.0, _signed(level / _MAX_LEVEL * _TRANSLATE_PCT, rng) * _size(image)[0], 0.0, 1.0, 0.0)
 
 
 def _translate_y(image, level, rng):
-    return (1.0, 0.0, 0.0, 0.0, 1.0, _signed(level / _MAX_LEVEL * _TRANSLATE_PCT, rng) * image.size[1])
+    return (1.0, 0.0, 0.0, 0.0, 1.0, _signed(level / _MAX_LEVEL * _TRANSLATE_PCT, rng) * _size(image)[1])
 
 
 GEOMETRIC_OPS = {"Rotate": _rotate, "ShearX": _shear_x, "ShearY": _shear_y,
                  "TranslateXRel": _translate_x, "TranslateYRel": _translate_y}
 
 
-# -- colour ops: image -> image ---------------------------------------------------------------------
+# -- colour ops: uint8 [H, W, 3] -> uint8 [H, W, 3] (passl.data.pixels says how they compare with PIL's) --
 
-def _enhance(kind, increasing):
+def _enhance(degenerate, increasing):
     def op(image, level, rng):
         if increasing:
             factor = 1.0 + _signed(level / _MAX_LEVEL * 0.9, rng)
         else:
             factor = level / _MAX_LEVEL * 1.8 + 0.1
-        return kind(image).enhance(factor)
+        return pixels.blend(image, degenerate(image), factor)
     return op
+
+
+def _colour_degenerate(image):     # ImageEnhance.Color: the grey image
+    return pixels.grey_rgb(image)
+
+
+def _contrast_degenerate(image):   # ImageEnhance.Contrast: the mean grey level, rounded
+    return int(pixels.grey(image).mean() + 0.5)
+
+
+_LEVELS = np.arange(256)
 
 
 def _posterize(increasing):
@@ -77,37 +95,33 @@ def _posterize(increasing):
         if bits >= 8:
             return image
         mask = ~(2 ** (8 - max(bits, 0)) - 1) & 0xFF     # bits 0 keeps nothing (black), as old PIL did
-        return image.point([i & mask for i in range(256)] * 3)
+        return pixels.apply_lut(image, _LEVELS & mask)
     return op
 
 
 def _solarize(increasing):
     def op(image, level, rng):
         threshold = 256 - int(level / _MAX_LEVEL * 256) if increasing else int(level / _MAX_LEVEL * 256)
-        return ImageOps.solarize(image, threshold)
+        return pixels.apply_lut(image, np.where(_LEVELS < threshold, _LEVELS, 255 - _LEVELS))
     return op
 
 
 def _solarize_add(image, level, rng):
     add = int(level / _MAX_LEVEL * 110)
-    if add not in _SOLARIZE_ADD_LUT:
-        _SOLARIZE_ADD_LUT[add] = [min(255, i + add) if i < 128 else i for i in range(256)] * 3
-    return image.point(_SOLARIZE_ADD_LUT[add])
+    return pixels.apply_lut(image, np.where(_LEVELS < 128, np.minimum(255, _LEVELS + add), _LEVELS))
 
 
 COLOR_OPS = {
-    "AutoContrast": lambda image, level, rng: ImageOps.autocontrast(image),
-    "Equalize": lambda image, level, rng: ImageOps.equalize(image),
-    "Invert": lambda image, level, rng: ImageOps.invert(image),
+    "AutoContrast": lambda image, level, rng: pixels.apply_lut(image, pixels.autocontrast_lut(image)),
+    "Equalize": lambda image, level, rng: pixels.apply_lut(image, pixels.equalize_lut(image)),
+    "Invert": lambda image, level, rng: pixels.apply_lut(image, 255 - _LEVELS),
     "Posterize": _posterize(False), "PosterizeIncreasing": _posterize(True),
     "Solarize": _solarize(False), "SolarizeIncreasing": _solarize(True),
     "SolarizeAdd": _solarize_add,
-    "Color": _enhance(ImageEnhance.Color, False), "ColorIncreasing": _enhance(ImageEnhance.Color, True),
-    "Contrast": _enhance(ImageEnhance.Contrast, False), "ContrastIncreasing": _enhance(ImageEnhance.Contrast, True),
-    "Brightness": _enhance(ImageEnhance.Brightness, False),
-    "BrightnessIncreasing": _enhance(ImageEnhance.Brightness, True),
-    "Sharpness": _enhance(ImageEnhance.Sharpness, False),
-    "SharpnessIncreasing": _enhance(ImageEnhance.Sharpness, True),
+    "Color": _enhance(_colour_degenerate, False), "ColorIncreasing": _enhance(_colour_degenerate, True),
+    "Contrast": _enhance(_contrast_degenerate, False), "ContrastIncreasing": _enhance(_contrast_degenerate, True),
+    "Brightness": _enhance(lambda image: 0, False), "BrightnessIncreasing": _enhance(lambda image: 0, True),
+    "Sharpness": _enhance(pixels.smooth, False), "SharpnessIncreasing": _enhance(pixels.smooth, True),
 }
 
 # timm's op lists for RandAugment (inc0 / inc1)
@@ -189,39 +203,44 @@ class RandAugment(Transform):
         return min(max(level, 0.0), self.magnitude_max)
 
     def apply(self, sample, rng):
-        steps = []                      # (name, level, inverse affine or None, resample)
+        steps = []                      # (name, level, pixel-index matrix or None, interpolation)
         for name in rng.choice(self.ops, self.num_ops, replace=True):
             if rng.random() >= self.prob:
                 continue
             level = self._level(rng)
             if name in GEOMETRIC_OPS:
-                inverse = GEOMETRIC_OPS[name](sample.image, level, rng)
-                steps.append((name, level, inverse, pil_interpolation(self.interpolation, rng)))
+                matrix, inverse = pixels.centre_matrix(GEOMETRIC_OPS[name](sample.image, level, rng))
+                steps.append((name, level, (matrix, inverse), interpolation_name(self.interpolation, rng)))
             else:
                 steps.append((name, level, None, None))
+        if not steps:
+            return sample
         windows, precrop = self._windows(sample, steps) if self.crop_window else (None, None)
-        image, origin = sample.image, (0, 0)
-        for index, (name, level, inverse, resample) in enumerate(steps):
+        full_size = _size(sample.image)
+        image, origin = pixels.as_array(sample.image), (0, 0)
+        for index, (name, level, affine, interpolation) in enumerate(steps):
             if precrop is not None and index == precrop[0]:
                 # colour ops from here on only need the crop's neighbourhood (point ops, Sharpness +2 px)
-                image, origin = image.crop(precrop[1]), precrop[1][:2]
-            if inverse is None:
+                x0, y0, x1, y1 = precrop[1]
+                image, origin = np.ascontiguousarray(image[y0:y1, x0:x1]), (x0, y0)
+            if affine is None:
                 image = COLOR_OPS[name](image, level, rng)
                 continue
+            matrix, inverse = affine
             warp_label_map(sample, inverse)   # in full-image coordinates (sample.image is still full)
             if windows is None or windows[index] is None:
-                image = image.transform(image.size, Image.AFFINE, inverse, resample, fillcolor=self.fill)
+                image = pixels.warp_affine(image, matrix, full_size, interpolation, self.fill)
                 continue
             # compute only the output window: window pixel (x, y) is full-image pixel (x + wx0, y + wy0),
-            # whose source point is read from the current image, which starts at `origin`
+            # whose source pixel is read from the current image, which starts at `origin`
             wx0, wy0, wx1, wy1 = windows[index]
-            a, b, c, d, e, f = inverse
-            data = (a, b, a * wx0 + b * wy0 + c - origin[0], d, e, d * wx0 + e * wy0 + f - origin[1])
-            image = image.transform((wx1 - wx0, wy1 - wy0), Image.AFFINE, data, resample, fillcolor=self.fill)
+            shifted = matrix.copy()
+            shifted[:, 2] += matrix[:, 0] * wx0 + matrix[:, 1] * wy0 - np.array(origin, np.float64)
+            image = pixels.warp_affine(image, shifted, (wx1 - wx0, wy1 - wy0), interpolation, self.fill)
             origin = (wx0, wy0)
-        if origin != (0, 0) or image.size != sample.image.size:
-            sample.view = sample.view_from_pixels((origin[0], origin[1], origin[0] + image.size[0],
-                                                   origin[1] + image.size[1]))
+        size = _size(image)
+        if origin != (0, 0) or size != full_size:
+            sample.view = sample.view_from_pixels((origin[0], origin[1], origin[0] + size[0], origin[1] + size[1]))
         sample.image = image
         return sample
 
@@ -241,7 +260,7 @@ class RandAugment(Transform):
         first = global_ops[-1] + 1 if global_ops else 0
         if plan is None or first >= len(steps):
             return None, None
-        width, height = sample.image.size
+        width, height = _size(sample.image)
         box, out_size = plan
         x0, y0, x1, y1 = sample.pixels_from_view(box)
         margin = math.ceil(2 * max(1.0, (x1 - x0) / out_size, (y1 - y0) / out_size)) + 2
@@ -250,9 +269,9 @@ class RandAugment(Transform):
         for index in range(len(steps) - 1, first - 1, -1):
             window = _clip_box(window, width, height)
             windows[index] = window
-            name, _, inverse, _ = steps[index]
-            if inverse is not None:
-                a, b, c, d, e, f = inverse
+            name, _, affine, _ = steps[index]
+            if affine is not None:
+                a, b, c, d, e, f = affine[1]
                 xs = [a * x + b * y + c for x in window[0::2] for y in window[1::2]]
                 ys = [d * x + e * y + f for x in window[0::2] for y in window[1::2]]
                 window = (min(xs) - 3, min(ys) - 3, max(xs) + 3, max(ys) + 3)

@@ -32,19 +32,13 @@ def axis_weights(start, end, bins, size):
     """
     length = end - start
     per_bin = max(1, int(math.ceil(length / bins - 1e-9)))
-    steps = (np.arange(bins)[:, None] + (np.arange(per_bin)[None, :] + 0.5) / per_bin) * (length / bins)
-    points = start + steps                                        # [bins, per_bin]
-    inside = (points >= 0) & (points <= size)
-    pos = np.clip(points - 0.5, 0, size - 1)                      # in cell-centre index units
-    low = np.floor(pos).astype(np.int64)
-    high = np.minimum(low + 1, size - 1)
-    frac = pos - low
-    flat = np.arange(bins)[:, None] * size
-    scale = inside / per_bin
-    weights = np.bincount(np.concatenate([(flat + low).ravel(), (flat + high).ravel()]),
-                          np.concatenate([((1.0 - frac) * scale).ravel(), (frac * scale).ravel()]),
-                          minlength=bins * size)
-    return weights.reshape(bins, size)
+    count = bins * per_bin                                          # sample k sits at (k + 0.5) / count
+    points = start + (np.arange(count) + 0.5) * (length / count)
+    pos = np.clip(points - 0.5, 0, size - 1)                        # in cell-centre index units
+    # linear interpolation between the two nearest cell centres, as a [count, size] tent
+    weights = np.maximum(0.0, 1.0 - np.abs(pos[:, None] - np.arange(size)))
+    weights *= (((points >= 0) & (points <= size)) / per_bin)[:, None]
+    return weights.reshape(bins, per_bin, size).sum(1)
 
 
 def map_box(view, map_region, map_size):

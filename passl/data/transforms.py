@@ -23,27 +23,32 @@ import math
 import numpy as np
 from PIL import Image
 
+from passl.data import pixels
 from passl.errors import ConfigError
 from passl.ranges import PositiveFloat, PositiveInt, Probability, ranged
 from passl.registry import TRANSFORMS
 
 __all__ = ["Sample", "Transform", "RandomHorizontalFlip", "RandomResizedCrop", "ResizeShorter", "CenterCrop",
-           "Normalize", "RandomErasing", "warp_label_map", "pil_interpolation", "INTERPOLATIONS", "IMAGENET_MEAN",
+           "Normalize", "RandomErasing", "warp_label_map", "pil_interpolation", "interpolation_name", "INTERPOLATIONS", "IMAGENET_MEAN",
            "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
                   "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-_RANDOM_INTERPOLATION = (Image.BILINEAR, Image.BICUBIC)
+
+
+def interpolation_name(name, rng=None):
+    """``name`` (a key of INTERPOLATIONS); 'random' picks 'bilinear' or 'bicubic' with ``rng``."""
+    if name == "random":
+        return ("bilinear", "bicubic")[int(rng.integers(2))]
+    return name
 
 
 def pil_interpolation(name, rng=None):
     """PIL resampling filter for ``name`` (a key of INTERPOLATIONS); 'random' picks bilinear or bicubic
     with ``rng``."""
-    if name == "random":
-        return _RANDOM_INTERPOLATION[int(rng.integers(2))]
-    return INTERPOLATIONS[name]
+    return INTERPOLATIONS[interpolation_name(name, rng)]
 
 
 def _check_interpolation(name, where):
@@ -61,7 +66,8 @@ def _check_size(size, where):
 class Sample:
     """One image on its way through the transforms.
 
-    image:      PIL RGB image (float32 [3, H, W] after Normalize applied to the sample itself)
+    image:      PIL RGB image, or uint8 [H, W, 3] RGB array once an OpenCV op ran (float32 [3, H, W]
+                after Normalize applied to the sample itself)
     label_map:  float32 [2, K, h, w] or None (scores, class indices; class -1 marks an empty entry)
     map_region: (x0, y0, x1, y1) reference-frame box the map covers
     view:       (x0, y0, x1, y1) reference-frame box the image shows
@@ -83,7 +89,9 @@ class Sample:
     def image_size(self):
         """(width, height) of the current image in pixels."""
         if isinstance(self.image, np.ndarray):
-            return self.image.shape[2], self.image.shape[1]
+            if self.image.dtype == np.uint8:                   # [H, W, 3]
+                return self.image.shape[1], self.image.shape[0]
+            return self.image.shape[2], self.image.shape[1]    # normalised [3, H, W]
         return self.image.size
 
     def view_from_pixels(self, box):
@@ -189,7 +197,10 @@ class RandomHorizontalFlip(Transform):
     def apply(self, sample, rng):
         if rng.random() >= self.prob:
             return sample
-        sample.image = sample.image.transpose(Image.FLIP_LEFT_RIGHT)
+        if isinstance(sample.image, np.ndarray):
+            sample.image = pixels.flip(sample.image)
+        else:
+            sample.image = sample.image.transpose(Image.FLIP_LEFT_RIGHT)
         if sample.label_map is not None:
             axis = sample.view[0] + sample.view[2]   # x -> axis - x reflects about the view's centre
             rx0, ry0, rx1, ry1 = sample.map_region
@@ -225,7 +236,8 @@ class RandomResizedCrop(Transform):
 
     The box is drawn on the original image size before decoding (so the decoder may shrink the
     image while the box still has ``size`` pixels) and becomes the sample's ``view``.
-    interpolation: 'random' (bilinear or bicubic), or a key of INTERPOLATIONS.
+    interpolation: 'random' (bilinear or bicubic), or a key of INTERPOLATIONS, for enlarging; a box
+    larger than ``size`` both ways is shrunk with OpenCV's area filter (``pixels.resize_box``).
     """
 
     def __init__(self, size: PositiveInt = None,
@@ -253,9 +265,9 @@ class RandomResizedCrop(Transform):
             width, height = sample.image_size()
             x, y, w, h = _sample_crop(width, height, self.scale, self.ratio, rng)
             box = sample.view_from_pixels((x, y, x + w, y + h))
-        resample = pil_interpolation(self.interpolation, rng)
+        interpolation = interpolation_name(self.interpolation, rng)
         pixel_box = sample.pixels_from_view(box)
-        sample.image = sample.image.resize((self.size, self.size), resample, box=pixel_box)
+        sample.image = pixels.resize_box(pixels.as_array(sample.image), pixel_box, self.size, interpolation)
         sample.view = box
         return sample
 
@@ -283,7 +295,9 @@ class ResizeShorter(Transform):
             new = (short, int(short * height / width))
         else:
             new = (int(short * width / height), short)
-        sample.image = sample.image.resize(new, pil_interpolation(self.interpolation, rng))
+        image = sample.image if not isinstance(sample.image, np.ndarray) else Image.fromarray(sample.image)
+        # PIL's filters, as the published models were evaluated with
+        sample.image = image.resize(new, pil_interpolation(self.interpolation, rng))
         return sample   # the view is unchanged: the same region, more or fewer pixels
 
 
@@ -300,7 +314,10 @@ class CenterCrop(Transform):
         left, top = int(round((width - self.size) / 2.0)), int(round((height - self.size) / 2.0))
         box = (left, top, left + self.size, top + self.size)
         view = sample.view_from_pixels(box)
-        sample.image = sample.image.crop(box)
+        if isinstance(sample.image, np.ndarray):
+            sample.image = np.ascontiguousarray(sample.image[top:top + self.size, left:left + self.size])
+        else:
+            sample.image = sample.image.crop(box)
         sample.view = view
         return sample
 

@@ -82,7 +82,7 @@ def build_split_loader(session, split, model):
     if split_cfg.get("dataset") is None:
         return None
     dataset = build_dataset(split_cfg, split, model.num_classes, tuple(model.grid_size),
-                            getattr(model, "img_size", None))
+                            getattr(model, "img_size", None), cache_dir=session.output_dir)
     return build_loader(dataset, split_cfg, collate_fn, train=split == "train",
                         seed=session.cfg["seed"], rank=session.rank, world_size=session.world_size)
 

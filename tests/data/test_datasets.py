@@ -132,15 +132,15 @@ def test_draft_decoding_shrinks_large_jpegs_only_when_the_crop_allows(tmp_path):
     sizes = []
     for seed in range(5):
         sample = dataset.decode(0, None, np.random.default_rng(seed))
-        sizes.append(sample.image.size)
+        sizes.append(sample.image_size())
         assert sample.view[2] == pytest.approx(800, abs=8) and sample.view[3] == pytest.approx(600, abs=8)
     assert all(w <= 200 and h <= 150 for w, h in sizes)   # a 32-px crop never needs more than 1/4 scale
     big = build_dataset(cfg(root, transforms=[{"name": "RandomResizedCrop", "size": 600, "scale": [1, 1]}]),
                         "train", 3, (2, 2))
-    assert big.decode(0, None, np.random.default_rng(0)).image.size == (800, 600)
+    assert big.decode(0, None, np.random.default_rng(0)).image_size() == (800, 600)
     off = build_dataset(cfg(root, draft=False, transforms=[{"name": "RandomResizedCrop", "size": 32}]),
                         "train", 3, (2, 2))
-    assert off.decode(0, None, np.random.default_rng(0)).image.size == (800, 600)
+    assert off.decode(0, None, np.random.default_rng(0)).image_size() == (800, 600)
 
 
 def test_paddle_dataloader_with_workers_gives_numpy_batches(tmp_path):

@@ -112,7 +112,7 @@ def test_randaugment_runs_every_op_at_every_magnitude():
             one = RandAugment(f"rand-n1-m{magnitude}-p1.0-inc1", ops=[name])
             sample = one(Sample(image=image.copy(), label_map=np.ones((2, 1, 3, 4), np.float32)),
                          np.random.default_rng(0))
-            assert sample.image.size == (40, 30) and sample.image.mode == "RGB"
+            assert sample.image.shape == (30, 40, 3) and sample.image.dtype == np.uint8   # RGB
             assert sample.label_map.shape[:2] == (2, 1)
 
 
@@ -121,7 +121,7 @@ def test_random_resized_crop_sets_the_view_and_size():
     rng = np.random.default_rng(0)
     sample = RandomResizedCrop(size=48)(sample, rng)
     x0, y0, x1, y1 = sample.view
-    assert sample.image.size == (48, 48)
+    assert sample.image.shape == (48, 48, 3)
     assert 0 <= x0 < x1 <= 300 and 0 <= y0 < y1 <= 200
     assert 0.08 * 300 * 200 * 0.99 <= (x1 - x0) * (y1 - y0) <= 300 * 200
     assert 3 / 4 - 0.05 <= (x1 - x0) / (y1 - y0) <= 4 / 3 + 0.05
@@ -207,7 +207,7 @@ def test_crop_window_gives_the_same_pixels_as_whole_image_ops():
             crop.plan(sample, rng)
             sample.image, sample.label_map = smooth.copy(), label_map.copy()
             sample = RandAugment("rand-n3-m9-mstd0.5-p0.8-inc1", crop_window=window)(sample, rng)
-            windowed_runs += window and sample.image.size != smooth.size
+            windowed_runs += window and sample.image_size() != smooth.size
             sample = crop(sample, rng)
             outputs.append((np.asarray(sample.image), sample.label_map, sample.view))
         np.testing.assert_array_equal(outputs[0][0], outputs[1][0], err_msg=f"seed {seed}")
