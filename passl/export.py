@@ -1,4 +1,4 @@
-"""Static inference models: export an LV-ViT with its eval preprocessing, and predict with it.
+"""Static inference models: export a model with its eval preprocessing, and predict with it.
 
 ``export_model`` writes, into ``out_dir``:
 

@@ -9,7 +9,7 @@ An annotator maps normalised images ``[B, 3, H, W]`` to dense logits ``[B, C, h,
   at every position of the last feature map (its 1x1-convolution view) gives per-location logits
   whose spatial mean is exactly the classifier's output.
 
-``cnn_classifier`` is registered in MODELS so that tools/train.py (the Trainer) trains a CNN
+``cnn_classifier`` is registered in MODELS so that tools/train.py trains a CNN
 annotator on image-level labels like any other model.
 """
 import paddle
@@ -72,7 +72,7 @@ class CNNClassifier(nn.Layer):
     """A CNN annotator as a trainable model: ``net`` = build_cnn(arch, num_classes, width).
 
     forward: images [B, 3, H, W] -> ``TokenLabelOutput(logits [B, num_classes])`` in training mode (no
-    aux logits: the Trainer's loss uses the class target only), the logits in eval mode. ``grid_size``
+    aux logits: the loss uses the class target only), the logits in eval mode. ``grid_size``
     (1, 1): one target per image. ``img_size`` None: it takes any input size, so its transforms state
     their sizes.
     """
@@ -182,8 +182,8 @@ def _read_state(path):
 
 
 def load_cnn_weights(net, path):
-    """Load ``path`` into ``net`` strictly. Accepts the CNN's own state dict or one saved by the
-    Trainer for ``cnn_classifier`` (keys prefixed ``net.``). CheckpointError lists what does not fit."""
+    """Load ``path`` into ``net`` strictly. Accepts the CNN's own state dict or one saved by
+    tools/train.py for ``cnn_classifier`` (keys prefixed ``net.``). CheckpointError lists what does not fit."""
     state = _read_state(path)
     own = net.state_dict()
     fixed = {}

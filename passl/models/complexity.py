@@ -1,4 +1,5 @@
-"""Parameter and multiply-add counts of an LV-ViT, computed analytically from its layers.
+"""Parameter and multiply-add counts of a model, computed analytically from its layers (a model
+with its own ``count_macs``, such as VOLO, counts its own).
 
 Counted multiply-adds: every convolution and Linear, and the two attention matmuls (q k^T and
 attn v). Norms, activations, softmax and additions are not counted, as in the reference's table

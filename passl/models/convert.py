@@ -1,4 +1,5 @@
-"""Published PyTorch LV-ViT weights -> Paddle, and strict weight loading from any weights file.
+"""Published PyTorch weights (LV-ViT, VOLO, ViT/DeiT) -> Paddle, and strict weight loading from any
+weights file.
 
 The Paddle model keeps the reference names, so conversion is: strip ``module.`` prefixes, drop
 ``num_batches_tracked``, rename BN ``running_mean/var`` to ``_mean/_variance`` and transpose Linear
