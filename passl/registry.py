@@ -5,6 +5,7 @@ register into them (``fill_registries``), so that ``import passl`` imports neith
 nor paddle and an entry point can set up the process first (passl/utils/runtime.py).
 """
 import difflib
+import functools
 import importlib
 import inspect
 
@@ -58,6 +59,16 @@ class Registry:
             obj, name = name, None
             return decorator(obj)
         return decorator
+
+    def register_variant(self, name, builder, defaults, doc):
+        """Register ``name``: ``builder`` with a published variant's ``defaults`` bound as keyword defaults (a
+        functools.partial, so that ``inspect.signature``, and the config checker, show every keyword with the
+        variant's value)."""
+        factory = functools.partial(builder, **defaults)
+        factory.__name__ = factory.__qualname__ = name
+        factory.__module__ = builder.__module__
+        factory.__doc__ = doc
+        return self.register(name)(factory)
 
     def get(self, name):
         if name not in self._all():

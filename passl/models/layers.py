@@ -10,9 +10,10 @@ import paddle.nn.functional as F
 from paddle.nn.initializer import Constant, TruncatedNormal, Uniform
 
 from passl.errors import ConfigError
+from passl.models.outputs import TokenLabelOutput
 
 __all__ = ["ConvStem", "PatchConv", "DropPath", "Attention", "Mlp", "Block", "draw_mix_box", "box_mask",
-           "mix_tokens"]
+           "mix_tokens", "TokenLabelModel"]
 
 # trunc normal std .02, truncated at +-2 absolute as the reference does (i.e. practically untruncated)
 _trunc_normal = TruncatedNormal(mean=0.0, std=0.02, a=-2.0, b=2.0)
@@ -197,3 +198,61 @@ def mix_tokens(x, mask):
     """Where ``mask`` (broadcast against x [B, ...]) is True, sample i takes sample B-1-i's values.
     Applying it twice with the same mask gives x back: it mixes the stem's tokens and un-mixes aux."""
     return paddle.where(mask, x[::-1], x)
+
+
+# ---------------------------------------------------------------------------------------------
+# what every token-labeling model shares around its heads
+
+class TokenLabelModel(nn.Layer):
+    """Base of the token-labeling models (LV-ViT, VOLO, ViT): ``head`` on the class token, ``aux_head``
+    on every patch token, a ``cls_token`` and a learned ``pos_embed``. A subclass sets ``img_size``,
+    ``grid_size`` (the token grid), ``patch_embed``, ``aux_weight`` and the heads."""
+
+    def set_geometry(self, img_size, patch_size, num_classes, embed_dim, mix_token, return_dense, aux_weight):
+        """Check and keep what every part of the model reads: ``img_size`` (int or (h, w)) divisible by
+        ``patch_size``, the token grid and count, the class count, the width and the head flags."""
+        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if img_h % patch_size or img_w % patch_size:
+            raise ConfigError(f"model.img_size {img_size} must be divisible by patch_size {patch_size} "
+                              f"(e.g. {max(patch_size, img_h // patch_size * patch_size)})")
+        if num_classes < 1:
+            raise ConfigError(f"model.num_classes must be >= 1, got {num_classes}")
+        self.img_size = (img_h, img_w)
+        self.patch_size = patch_size
+        self.grid_size = (img_h // patch_size, img_w // patch_size)
+        self.num_tokens = self.grid_size[0] * self.grid_size[1]
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.mix_token = bool(mix_token)
+        self.return_dense = bool(return_dense)
+        self.aux_weight = float(aux_weight)
+
+    def no_weight_decay(self):
+        """Names of parameters that take no weight decay (1-D params are excluded by the optimizer)."""
+        return {"pos_embed", "cls_token"}
+
+    def reset_heads(self):
+        """Re-initialise ``head`` and ``aux_head`` (trunc normal .02 weights, zero biases)."""
+        for layer in (self.head, self.aux_head):
+            _trunc_normal(layer.weight)
+            Constant(0.0)(layer.bias)
+
+    def embed(self, images):
+        """images [B, C_in, H, W] -> patch embedding [B, D, h, w], checked against the model's grid."""
+        x = self.patch_embed(images)
+        if tuple(x.shape[2:]) != self.grid_size:
+            raise ConfigError(
+                f"input of {images.shape[2]}x{images.shape[3]} px gives a {x.shape[2]}x{x.shape[3]} token grid, "
+                f"but the model was built for img_size {self.img_size} ({self.grid_size[0]}x{self.grid_size[1]}); "
+                "build it with the matching img_size (loading weights resizes pos_embed)")
+        return x
+
+    def head_outputs(self, cls_logits, aux_logits, mix_box):
+        """What forward returns from the heads (aux_logits [B, N, C] or None, mix_box int64 [4] or None).
+        Eval: ``cls + aux_weight * max over tokens of aux`` [B, C] per sample (cls alone without aux).
+        Training: TokenLabelOutput, with aux un-mixed inside mix_box so that row i describes image i."""
+        if not self.training:
+            return cls_logits if aux_logits is None else cls_logits + self.aux_weight * aux_logits.max(axis=1)
+        if mix_box is not None:
+            aux_logits = mix_tokens(aux_logits, box_mask(mix_box, *self.grid_size).reshape([-1, 1]))
+        return TokenLabelOutput(cls_logits, aux_logits, mix_box)

@@ -11,13 +11,11 @@ from typing import NamedTuple
 import numpy as np
 import paddle
 import paddle.nn as nn
-from paddle.nn.initializer import Constant
 
 from passl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from passl.errors import ConfigError
 from passl.models.layers import (Attention, Block, ConvStem, DropPath, Mlp, PatchConv,  # noqa: F401 (re-exported)
-                                 _linear, _trunc_normal, box_mask, draw_mix_box, mix_tokens)
-from passl.models.outputs import TokenLabelOutput
+                                 TokenLabelModel, _linear, _trunc_normal, box_mask, draw_mix_box, mix_tokens)
 from passl.ranges import DropRate, NonNegativeFloat, PositiveFloat, PositiveInt
 from passl.registry import MODELS
 
@@ -37,7 +35,7 @@ STEMS = {
 # ---------------------------------------------------------------------------------------------
 # the model
 
-class LVViT(nn.Layer):
+class LVViT(TokenLabelModel):
     """LV-ViT: conv stem, cls token + learned position embedding, ``depth`` blocks, final LayerNorm,
     ``head`` on the cls token and ``aux_head`` on every patch token.
 
@@ -57,23 +55,9 @@ class LVViT(nn.Layer):
                  stem: str = "pe4_2", skip_lam: PositiveFloat = 1.0, mix_token: bool = True, return_dense: bool = True,
                  aux_weight: NonNegativeFloat = 0.5):
         super().__init__()
-        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if stem not in STEMS:
             raise ConfigError(f"model.stem '{stem}' is unknown; use one of {', '.join(STEMS)}")
-        if img_h % patch_size or img_w % patch_size:
-            raise ConfigError(f"model.img_size {img_size} must be divisible by patch_size {patch_size} "
-                              f"(e.g. {max(patch_size, img_h // patch_size * patch_size)})")
-        if num_classes < 1:
-            raise ConfigError(f"model.num_classes must be >= 1, got {num_classes}")
-        self.img_size = (img_h, img_w)
-        self.patch_size = patch_size
-        self.grid_size = (img_h // patch_size, img_w // patch_size)
-        self.num_tokens = self.grid_size[0] * self.grid_size[1]
-        self.num_classes = num_classes
-        self.embed_dim = embed_dim
-        self.mix_token = bool(mix_token)
-        self.return_dense = bool(return_dense)
-        self.aux_weight = float(aux_weight)
+        self.set_geometry(img_size, patch_size, num_classes, embed_dim, mix_token, return_dense, aux_weight)
         # how images are prepared for evaluation (SPEC 5); a published variant sets its own (VARIANTS)
         self.eval_cfg = dict(crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
@@ -90,27 +74,7 @@ class LVViT(nn.Layer):
         self.head = _linear(embed_dim, num_classes)
         self.aux_head = _linear(embed_dim, num_classes)
 
-    def no_weight_decay(self):
-        """Names of parameters that take no weight decay (1-D params are excluded by the optimizer)."""
-        return {"pos_embed", "cls_token"}
-
-    def reset_heads(self):
-        """Re-initialise ``head`` and ``aux_head`` (trunc normal .02 weights, zero biases)."""
-        for layer in (self.head, self.aux_head):
-            _trunc_normal(layer.weight)
-            Constant(0.0)(layer.bias)
-
-    # -- pieces, in forward order ----------------------------------------------------------------
-    def embed(self, images):
-        """images [B, C_in, H, W] -> stem output [B, D, h, w], checked against the model's grid."""
-        x = self.patch_embed(images)
-        if tuple(x.shape[2:]) != self.grid_size:
-            raise ConfigError(
-                f"input of {images.shape[2]}x{images.shape[3]} px gives a {x.shape[2]}x{x.shape[3]} token grid, "
-                f"but the model was built for img_size {self.img_size} ({self.grid_size[0]}x{self.grid_size[1]}); "
-                "build it with the matching img_size (loading weights resizes pos_embed)")
-        return x
-
+    # -- pieces, in forward order (embed: TokenLabelModel's stem call and grid check) -------------
     def tokens(self, grid_maps):
         """[B, D, h, w] -> [B, 1 + h*w, D]: flatten, prepend the cls token, add pos_embed."""
         x = grid_maps.flatten(2).transpose([0, 2, 1])
@@ -163,11 +127,7 @@ class LVViT(nn.Layer):
         mixing = self.training and self.mix_token and self.return_dense
         mix_box = draw_mix_box(*self.grid_size) if mixing else None
         cls_logits, aux_logits = self.forward_head(self.forward_features(images, mix_box))
-        if not self.training:
-            return cls_logits if aux_logits is None else cls_logits + self.aux_weight * aux_logits.max(axis=1)
-        if mix_box is not None:  # undo the mix so that aux row i describes image i everywhere
-            aux_logits = mix_tokens(aux_logits, box_mask(mix_box, *self.grid_size).reshape([-1, 1]))
-        return TokenLabelOutput(cls_logits, aux_logits, mix_box)
+        return self.head_outputs(cls_logits, aux_logits, mix_box)   # eval fusion, or aux un-mixed
 
 
 # ---------------------------------------------------------------------------------------------

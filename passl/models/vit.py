@@ -8,26 +8,21 @@ labeling adds ``aux_head`` on every patch token and MixToken, exactly as in LV-V
 ``aux_head`` (every timm / DeiT one) loads with a zero ``aux_head`` (see ``complete_weights``).
 Read top to bottom: patch embedding, block, the model, variants, checkpoint recognition.
 """
-import functools
 
 import numpy as np
 import paddle
 import paddle.nn as nn
-from paddle.nn.initializer import Constant, TruncatedNormal, Uniform
+from paddle.nn.initializer import Uniform
 
 from passl.errors import CheckpointError, ConfigError
-from passl.models.lvvit import Attention, DropPath, Mlp, box_mask, draw_mix_box
-from passl.models.outputs import TokenLabelOutput
+from passl.models.layers import (Attention, DropPath, Mlp, TokenLabelModel, _linear, _trunc_normal, box_mask,
+                                 draw_mix_box, mix_tokens)
 from passl.models.pos_embed import pos_embed_grid
 from passl.ranges import DropRate, NonNegativeFloat, PositiveFloat, PositiveInt
 from passl.registry import MODELS
 
 __all__ = ["VisionTransformer", "PatchEmbed", "ViTBlock", "VARIANTS", "PARAMS", "match_state_dict",
            "deit_tiny", "deit_small", "deit_base"]
-
-# trunc normal std .02 truncated at +-2 absolute, as timm's trunc_normal_ does
-_trunc_normal = TruncatedNormal(mean=0.0, std=0.02, a=-2.0, b=2.0)
-
 
 class PatchEmbed(nn.Layer):
     """One conv of kernel = stride = ``patch_size`` (PyTorch's default conv init, as timm leaves it)."""
@@ -62,7 +57,7 @@ class ViTBlock(nn.Layer):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nn.Layer):
+class VisionTransformer(TokenLabelModel):
     """ViT: patch embedding, cls token + learned position embedding, ``depth`` blocks, final LayerNorm,
     ``head`` on the cls token and ``aux_head`` on every patch token.
 
@@ -81,23 +76,9 @@ class VisionTransformer(nn.Layer):
                  norm_eps: PositiveFloat = 1e-6, mix_token: bool = True, return_dense: bool = True,
                  aux_weight: NonNegativeFloat = 0.5):
         super().__init__()
-        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if img_h % patch_size or img_w % patch_size:
-            raise ConfigError(f"model.img_size {img_size} must be divisible by patch_size {patch_size} "
-                              f"(e.g. {max(patch_size, img_h // patch_size * patch_size)})")
         if embed_dim % num_heads:
             raise ConfigError(f"model.embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
-        if num_classes < 1:
-            raise ConfigError(f"model.num_classes must be >= 1, got {num_classes}")
-        self.img_size = (img_h, img_w)
-        self.patch_size = patch_size
-        self.grid_size = (img_h // patch_size, img_w // patch_size)
-        self.num_tokens = self.grid_size[0] * self.grid_size[1]
-        self.num_classes = num_classes
-        self.embed_dim = embed_dim
-        self.mix_token = bool(mix_token)
-        self.return_dense = bool(return_dense)
-        self.aux_weight = float(aux_weight)
+        self.set_geometry(img_size, patch_size, num_classes, embed_dim, mix_token, return_dense, aux_weight)
 
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
         self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=_trunc_normal)
@@ -108,23 +89,8 @@ class VisionTransformer(nn.Layer):
             ViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, float(r), norm_eps)
             for r in rates])
         self.norm = nn.LayerNorm(embed_dim, epsilon=norm_eps)
-        self.head = self._linear(embed_dim, num_classes)
-        self.aux_head = self._linear(embed_dim, num_classes)
-
-    @staticmethod
-    def _linear(in_features, out_features):
-        return nn.Linear(in_features, out_features, weight_attr=paddle.ParamAttr(initializer=_trunc_normal),
-                         bias_attr=paddle.ParamAttr(initializer=Constant(0.0)))
-
-    def no_weight_decay(self):
-        """Names of parameters that take no weight decay (1-D params are excluded by the optimizer)."""
-        return {"pos_embed", "cls_token"}
-
-    def reset_heads(self):
-        """Re-initialise ``head`` and ``aux_head`` (trunc normal .02 weights, zero biases)."""
-        for layer in (self.head, self.aux_head):
-            _trunc_normal(layer.weight)
-            Constant(0.0)(layer.bias)
+        self.head = _linear(embed_dim, num_classes)            # trunc normal .02 (timm's), zero bias
+        self.aux_head = _linear(embed_dim, num_classes)
 
     def complete_weights(self, weights, log=print):
         """Weights (Paddle layout, {key: array}) with what a timm / DeiT checkpoint lacks filled in: an
@@ -140,17 +106,7 @@ class VisionTransformer(nn.Layer):
             "is the cls head's until token labeling trains it")
         return weights
 
-    # -- pieces ----------------------------------------------------------------------------------
-    def embed(self, images):
-        """images [B, C_in, H, W] -> patch embedding [B, D, h, w], checked against the model's grid."""
-        x = self.patch_embed(images)
-        if tuple(x.shape[2:]) != self.grid_size:
-            raise ConfigError(
-                f"input of {images.shape[2]}x{images.shape[3]} px gives a {x.shape[2]}x{x.shape[3]} token grid, "
-                f"but the model was built for img_size {self.img_size} ({self.grid_size[0]}x{self.grid_size[1]}); "
-                "build it with the matching img_size (loading weights resizes pos_embed)")
-        return x
-
+    # -- pieces (embed: TokenLabelModel's patch embedding and grid check) ------------------------
     def forward_tokens(self, grid_maps):
         """[B, D, h, w] -> [B, 1 + h*w, D]: flatten, prepend the cls token, add pos_embed, blocks, norm."""
         x = grid_maps.flatten(2).transpose([0, 2, 1])
@@ -168,23 +124,13 @@ class VisionTransformer(nn.Layer):
         """See the class docstring for the outputs of each mode."""
         x = self.embed(images)                                  # [B, D, h, w]
         mixing = self.training and self.mix_token and self.return_dense
-        box = mask = None
-        if mixing:
-            box = draw_mix_box(*self.grid_size)
-            mask = box_mask(box, *self.grid_size)               # [h, w]
-            x = paddle.where(mask.unsqueeze(0).unsqueeze(0), x[::-1], x)
+        box = draw_mix_box(*self.grid_size) if mixing else None
+        if box is not None:   # MixToken: inside the box, sample i's patches are sample B-1-i's
+            x = mix_tokens(x, box_mask(box, *self.grid_size))
         x = self.forward_tokens(x)
-        cls_logits = self.head(x[:, 0])                         # [B, C]
-        if not self.return_dense:
-            return TokenLabelOutput(cls_logits) if self.training else cls_logits
-        aux_logits = self.aux_head(x[:, 1:])                    # [B, N, C]
-        if not self.training:
-            return cls_logits + self.aux_weight * aux_logits.max(axis=1)
-        if mixing:  # undo the mix so aux row i lines up with image i everywhere
-            grid = aux_logits.reshape([0, self.grid_size[0], self.grid_size[1], self.num_classes])
-            grid = paddle.where(mask.unsqueeze(0).unsqueeze(-1), grid[::-1], grid)
-            aux_logits = grid.reshape([0, self.num_tokens, self.num_classes])
-        return TokenLabelOutput(cls_logits, aux_logits, box)
+        cls_logits = self.head(x[:, 0])                                                # [B, C]
+        aux_logits = self.aux_head(x[:, 1:]) if self.return_dense else None           # [B, N, C]
+        return self.head_outputs(cls_logits, aux_logits, box)   # eval fusion, or aux un-mixed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +147,9 @@ PARAMS = {"deit_tiny": 5_717_416, "deit_small": 22_050_664, "deit_base": 86_567_
 
 
 def _variant(name, summary):
-    """The registered factory of a variant: VisionTransformer with the variant's table entry as keyword
-    defaults, so that ``inspect.signature`` shows every keyword with this variant's value."""
-    factory = functools.partial(VisionTransformer, **VARIANTS[name])
-    factory.__name__ = factory.__qualname__ = name
-    factory.__module__ = __name__
-    factory.__doc__ = f"{summary}; {PARAMS[name]:,} parameters without aux_head at 1000 classes."
-    return MODELS.register(name)(factory)
+    """The registered factory of a variant: VisionTransformer with the variant's table entry as defaults."""
+    return MODELS.register_variant(name, VisionTransformer, VARIANTS[name],
+                                   f"{summary}; {PARAMS[name]:,} parameters without aux_head at 1000 classes.")
 
 
 MODELS.register("VisionTransformer")(VisionTransformer)

@@ -6,17 +6,16 @@ key (passl/models/convert.py). Inside the model, token maps are channels-last ``
 release. Read top to bottom: the stem, outlook attention and its block, class attention and its block,
 the VOLO layer, then the variant table and one registered factory per variant.
 """
-import functools
 import math
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from paddle.nn.initializer import Constant, TruncatedNormal, Uniform
+from paddle.nn.initializer import Uniform
 
 from passl.errors import ConfigError
-from passl.models.lvvit import Block, ConvStem, DropPath, Mlp, box_mask, draw_mix_box
-from passl.models.outputs import TokenLabelOutput
+from passl.models.layers import (Block, ConvStem, DropPath, Mlp, TokenLabelModel, _linear, _trunc_normal, box_mask,
+                                 draw_mix_box)
 from passl.ranges import DropRate, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ranged
 from passl.registry import MODELS
 
@@ -26,14 +25,7 @@ __all__ = ["VOLO", "OutlookAttention", "Outlooker", "ClassAttention", "ClassBloc
 PATCH_SIZE = 8       # stem stride: 224 px -> a 28 x 28 map for the outlookers
 POOLING_SCALE = 2    # Downsample stride: 28 x 28 -> the 14 x 14 token grid of stage 2 and of the token labels
 
-# trunc normal std .02 truncated at +-2 absolute, as the release's timm.trunc_normal_ does
-_trunc_normal = TruncatedNormal(mean=0.0, std=0.02, a=-2.0, b=2.0)
-
-
-def _linear(in_features, out_features, bias=True):
-    """The release's Linear init: trunc normal .02 weight, zero bias."""
-    return nn.Linear(in_features, out_features, weight_attr=paddle.ParamAttr(initializer=_trunc_normal),
-                     bias_attr=paddle.ParamAttr(initializer=Constant(0.0)) if bias else False)
+# Linear layers and tokens take the release's init (timm's trunc normal .02, zero bias): layers._linear
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +190,7 @@ class ClassBlock(nn.Layer):
 # ---------------------------------------------------------------------------------------------
 # the model
 
-class VOLO(nn.Layer):
+class VOLO(TokenLabelModel):
     """VOLO: conv stem to a H/8 map, ``layers[0]`` Outlookers, Downsample to the H/16 token grid and
     ``pos_embed``, ``layers[1:]`` transformer blocks, ``post_layers`` class-attention blocks on
     [cls, tokens], final LayerNorm, ``head`` on the cls token and ``aux_head`` on every patch token.
@@ -276,16 +268,6 @@ class VOLO(nn.Layer):
         self.norm = nn.LayerNorm(self.embed_dim, epsilon=1e-5)
         self.head = _linear(self.embed_dim, num_classes)
         self.aux_head = _linear(self.embed_dim, num_classes)
-
-    def no_weight_decay(self):
-        """Names of parameters that take no weight decay (1-D params are excluded by the optimizer)."""
-        return {"pos_embed", "cls_token"}
-
-    def reset_heads(self):
-        """Re-initialise ``head`` and ``aux_head`` (trunc normal .02 weights, zero biases)."""
-        for layer in (self.head, self.aux_head):
-            _trunc_normal(layer.weight)
-            Constant(0.0)(layer.bias)
 
     @property
     def depth(self):
@@ -376,18 +358,9 @@ class VOLO(nn.Layer):
             fine = box_mask(box * POOLING_SCALE, x.shape[1], x.shape[2])
             x = paddle.where(fine.unsqueeze(0).unsqueeze(-1), x[::-1], x)
         x = self.forward_tokens(x)
-        cls_logits = self.head(x[:, 0])                                # [B, C]
-        if not self.return_dense:
-            return TokenLabelOutput(cls_logits) if self.training else cls_logits
-        aux_logits = self.aux_head(x[:, 1:])                           # [B, N, C]
-        if not self.training:
-            return cls_logits + self.aux_weight * aux_logits.max(axis=1)
-        if mixing:  # undo the mix on the token grid, so aux row i lines up with image i everywhere
-            grid = aux_logits.reshape([0, self.grid_size[0], self.grid_size[1], self.num_classes])
-            mask = box_mask(box, *self.grid_size)
-            grid = paddle.where(mask.unsqueeze(0).unsqueeze(-1), grid[::-1], grid)
-            aux_logits = grid.reshape([0, self.num_tokens, self.num_classes])
-        return TokenLabelOutput(cls_logits, aux_logits, box)
+        cls_logits = self.head(x[:, 0])                                        # [B, C]
+        aux_logits = self.aux_head(x[:, 1:]) if self.return_dense else None   # [B, N, C]
+        return self.head_outputs(cls_logits, aux_logits, box)   # eval fusion, or aux un-mixed on the token grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,13 +385,9 @@ PARAMS = {"volo_d1": 26_632_040, "volo_d2": 58_678_336, "volo_d3": 86_325_072, "
 
 
 def _variant(name, summary):
-    """The registered factory of a variant: VOLO with the variant's table entry as keyword defaults, so
-    that ``inspect.signature`` (and the config checker) shows every keyword with this variant's value."""
-    factory = functools.partial(VOLO, **VARIANTS[name])
-    factory.__name__ = factory.__qualname__ = name
-    factory.__module__ = __name__
-    factory.__doc__ = f"{summary}; {PARAMS[name]:,} parameters at 1000 classes."
-    return MODELS.register(name)(factory)
+    """The registered factory of a variant: VOLO with the variant's table entry as defaults."""
+    return MODELS.register_variant(name, VOLO, VARIANTS[name],
+                                   f"{summary}; {PARAMS[name]:,} parameters at 1000 classes.")
 
 
 MODELS.register("VOLO")(VOLO)
