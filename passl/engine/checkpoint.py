@@ -11,8 +11,10 @@ A checkpoint is a dict: model, optimizer (keyed by structured parameter names, s
 depend on Paddle's internal tensor names), scaler, ema, epoch, batch (position in that epoch),
 global_step, best, sampler (what the position means: world_size, batch_size, seed, num_samples: the
 training set's size, global_batch: images per optimizer step), base_lr (the lr scaled to that global
-batch), rng (paddle, numpy, python), config. Checkpoints written before num_samples, global_batch and
-base_lr were recorded resume as before; only the checks those fields allow are skipped. ``training_state`` assembles it; ``restore_training_state`` puts it back.
+batch), rng (paddle, numpy, python), config, and in a mid-epoch checkpoint of several processes
+bn_by_rank (each rank's own BatchNorm statistics; its model holds their average). Checkpoints
+written before num_samples, global_batch and base_lr were recorded resume as before; only the checks
+those fields allow are skipped. ``training_state`` assembles it; ``restore_training_state`` puts it back.
 """
 import contextlib
 import dataclasses

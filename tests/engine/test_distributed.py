@@ -97,7 +97,8 @@ def _train(directory, train_root, val_root, nproc, *extra, expect_ok=True):
 
 
 def _epochs(directory):
-    return {line["epoch"]: line for line in map(json.loads, (directory / "out" / "metrics.jsonl").read_text().splitlines())}
+    lines = (directory / "out" / "metrics.jsonl").read_text().splitlines()
+    return {line["epoch"]: line for line in map(json.loads, lines)}
 
 
 @pytest.fixture(scope="module")
