@@ -217,8 +217,9 @@ def set_rng_state(state):
 @dataclasses.dataclass
 class Progress:
     """Where a run stands. ``epoch``: finished epochs; ``batch``: micro-batches done in the current
-    one (non-zero only in a mid-epoch checkpoint); ``global_step``: optimizer steps so far, which
-    is all the lr schedule needs; ``best``: {'top1', 'which' ('model' | 'ema'), 'epoch'} or None."""
+    one (non-zero only in a mid-epoch checkpoint); epoch and batch are all the lr schedule needs
+    (optim.epoch_progress); ``global_step``: optimizer steps so far (the model's random stream per
+    step, the logs); ``best``: {'top1', 'which' ('model' | 'ema'), 'epoch'} or None."""
     epoch: int = 0
     batch: int = 0
     global_step: int = 0
