@@ -8,7 +8,9 @@ nothing but the validation data.
 Randomness in the model (MixToken, drop path) is reseeded at every optimizer step from
 (seed, rank, step), and data augmentation per sample (passl.data.loader), so a resumed run
 repeats the uninterrupted one exactly and every rank has its own recorded stream. Losses stay on
-the device; the only host syncs are once per log interval (guards.RunFlags.sync) and per epoch.
+the device; the only host syncs are once per log interval (guards.RunFlags.sync and the loss meters,
+reduced over the processes there) and per epoch. At the end of every epoch the BatchNorm running
+statistics are averaged over the processes, so all evaluate, and the checkpoint keeps, one model.
 """
 import json
 import os
