@@ -1,4 +1,5 @@
 """Device choice, ranks and the few collectives the engine uses (each a no-op with one process)."""
+import math
 import os
 
 from passl.errors import ConfigError
@@ -116,7 +117,7 @@ def average_bn_statistics(*models):
             flat = all_reduce(paddle.concat([t.reshape([-1]) for t in group]), "sum") / world_size()
             start = 0
             for tensor in group:
-                size = int(tensor.numel())
+                size = math.prod(tensor.shape)      # tensor.numel() would be a device tensor
                 tensor.set_value(flat[start:start + size].reshape(tensor.shape).astype(tensor.dtype))
                 start += size
     return len(stats)
