@@ -216,7 +216,8 @@ class EpochReport:
         means = self.interval.means()
         seconds = max(time.time() - self.started, 1e-9)
         if self.main and self.steps:
-            eta = (self.epochs * self.steps_per_epoch - global_step) * seconds / self.steps
+            # steps left from this epoch's position: global_step may count steps of another global batch (resume)
+            eta = ((self.epochs - self.epoch) * self.steps_per_epoch - step_in_epoch) * seconds / self.steps
             line = format_step_line(self.epoch, self.epochs, step_in_epoch, self.steps_per_epoch, global_step, lr,
                                     means, self.global_batch * self.steps / seconds, self.data_wait / seconds, eta)
             if self.bar is not None:
