@@ -93,11 +93,11 @@ def unused_outputs_term(*outputs):
     outputs a loss does not read (aux_logits with ``dense_weight: 0``) in the backward graph.
 
     Why: under ``paddle.DataParallel`` every parameter that produced a model output must receive a
-    gradient, or Paddle 3.x stops at the first step asking for ``find_unused_parameters=True``; that
+    gradient, or Paddle 3.3 stops at the next step asking for ``find_unused_parameters=True``; that
     flag alone does not help, because Paddle finds the parameters from the outputs, and an output
     the loss never reads still marks them as used. A zero-weighted term gives them exact zero
-    gradients (as the reference's ``0 * loss``), so the weights and the optimizer are unchanged
-    except for weight decay, which AdamW applies to every parameter of the optimizer anyway.
+    gradients, as the reference's ``0 * loss`` does: AdamW then moves them by its decoupled weight
+    decay only, the same with one process or many.
     """
     terms = [t.astype("float32").sum() for t in outputs if t is not None]
     return 0.0 * paddle.add_n(terms) if terms else paddle.zeros([], "float32")
