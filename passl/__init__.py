@@ -25,8 +25,9 @@ def __getattr__(name):
 
 
 def build_model(cfg, **extra):
-    """Build a model from a ``{name: lvvit_s, img_size: 384, ...}`` dict (a YAML ``model:`` section)."""
-    return MODELS.build(cfg, **extra)
+    """Build a model from a ``{name: lvvit_s, img_size: 384, ...}`` dict (a YAML ``model:`` section).
+    ``sync_bn`` is how the trainer runs the model, not an argument of it (passl.config), and is dropped."""
+    return MODELS.build({k: v for k, v in cfg.items() if k != "sync_bn"}, **extra)
 
 
 def build_loss(cfg, **extra):

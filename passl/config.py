@@ -45,11 +45,13 @@ class Optional:
 
 
 class Built:
-    """A ``{name: ..., **kwargs}`` dict built by the registry ``registry``."""
+    """A ``{name: ..., **kwargs}`` dict built by the registry ``registry``; ``extra``: {key: spec} of
+    keys the engine reads besides the built callable's arguments (the builder drops them)."""
 
-    def __init__(self, registry, default=None):
+    def __init__(self, registry, default=None, extra=None):
         self.registry = registry
         self.default = default
+        self.extra = dict(extra or {})
 
 
 class ListOf:
@@ -89,7 +91,8 @@ DEFAULTS = {
     "device": Choice("auto", "cpu", "gpu"),
     "output_dir": "output/run",
     "epochs": Range(1, kind=int, default=300),
-    "model": Built("models"),
+    # sync_bn: BatchNorm as SyncBatchNorm over the processes of a multi-GPU run (passl.build_model drops it)
+    "model": Built("models", extra={"sync_bn": False}),
     "loss": Built("losses", {"name": "TokenLabelCrossEntropy"}),
     "optimizer": Built("optimizers", {"name": "AdamW"}),
     "lr_schedule": Built("lr_schedules", {"name": "WarmupCosine"}),
@@ -415,11 +418,14 @@ def _validate_built(value, spec, path, origins):
         if key == "name":
             continue
         sub = f"{path}.{key}"
+        if key in spec.extra:
+            out[key] = _validate(item, spec.extra[key], sub, origins)
+            continue
         if key not in params:
             if takes_any:
                 out[key] = item
                 continue
-            raise _unknown(key, valid + ["name"], sub, origins)
+            raise _unknown(key, valid + ["name"] + list(spec.extra), sub, origins)
         check = _param_spec(params[key])
         out[key] = item if check is None else _validate(item, check, sub, origins)
     return out

@@ -187,3 +187,17 @@ def test_apply_overrides_leaves_its_input_alone():
     original = {"a": {"b": [1, 2]}}
     changed = apply_overrides(original, ["a.b.0=5"])
     assert changed == {"a": {"b": [5, 2]}} and original == {"a": {"b": [1, 2]}}
+
+
+def test_model_sync_bn_is_a_model_key_the_builder_drops(tmp_path):
+    import passl
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name: LVViT, img_size: 32, embed_dim: 32, depth: 1, num_heads: 2, num_classes: 3}\n")
+    assert "sync_bn" not in load_config(str(path))["model"]
+    cfg = load_config(str(path), ["model.sync_bn=true"])
+    assert cfg["model"]["sync_bn"] is True
+    assert passl.build_model(cfg["model"]).num_classes == 3
+    with pytest.raises(ConfigError, match="model.sync_bn: expected true or false, got 'yes please'"):
+        load_config(str(path), ["model.sync_bn=yes please"])
+    with pytest.raises(ConfigError, match=r"unknown key 'model.sync_b'.*Did you mean: sync_bn"):
+        load_config(str(path), ["model.sync_b=true"])

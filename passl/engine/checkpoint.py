@@ -9,8 +9,12 @@ Layout of ``output_dir``:
 
 A checkpoint is a dict: model, optimizer (keyed by structured parameter names, so it does not
 depend on Paddle's internal tensor names), scaler, ema, epoch, batch (position in that epoch),
-global_step, best, sampler (what the position means: world_size, batch_size, seed), rng (paddle,
-numpy, python), config. ``training_state`` assembles it; ``restore_training_state`` puts it back.
+global_step, best, sampler (what the position means: world_size, batch_size, seed, num_samples: the
+training set's size, global_batch: images per optimizer step), base_lr (the lr scaled to that global
+batch), rng (paddle, numpy, python), config, and in a mid-epoch checkpoint of several processes
+bn_by_rank (each rank's own BatchNorm statistics; its model holds their average). Checkpoints
+written before num_samples, global_batch and base_lr were recorded resume as before; only the checks
+those fields allow are skipped. ``training_state`` assembles it; ``restore_training_state`` puts it back.
 """
 import contextlib
 import dataclasses
@@ -30,7 +34,8 @@ from passl.utils.fileio import atomic_path
 
 __all__ = ["atomic_save", "load_file", "CheckpointManager", "find_latest", "optimizer_state_by_names",
            "optimizer_state_from_names", "rng_state", "set_rng_state", "Progress",
-           "training_state", "check_resumable", "restore_training_state"]
+           "training_state", "check_resumable", "check_mid_epoch_resume", "recorded_lr_scaling",
+           "restore_training_state"]
 
 SEP = "/"   # between a structured parameter name and an accumulator suffix
 
@@ -212,18 +217,22 @@ def set_rng_state(state):
 @dataclasses.dataclass
 class Progress:
     """Where a run stands. ``epoch``: finished epochs; ``batch``: micro-batches done in the current
-    one (non-zero only in a mid-epoch checkpoint); ``global_step``: optimizer steps so far, which
-    is all the lr schedule needs; ``best``: {'top1', 'which' ('model' | 'ema'), 'epoch'} or None."""
+    one (non-zero only in a mid-epoch checkpoint); epoch and batch are all the lr schedule needs
+    (optim.epoch_progress); ``global_step``: optimizer steps so far (the model's random stream per
+    step, the logs); ``best``: {'top1', 'which' ('model' | 'ema'), 'epoch'} or None."""
     epoch: int = 0
     batch: int = 0
     global_step: int = 0
     best: Optional[dict] = None
 
 
-def training_state(model, optimizer_step, ema, progress, cfg, world_size, classes=None):
+def training_state(model, optimizer_step, ema, progress, cfg, world_size, classes=None, num_samples=None,
+                   global_batch=None, base_lr=None):
     """The checkpoint dict of a run: ``model`` unwrapped, ``optimizer_step`` an OptimizerStep,
     ``ema`` a ModelEma or None, ``progress`` a Progress, ``cfg`` the resolved config, ``classes`` the
-    training set's class names in label order (evaluation checks its folders against them)."""
+    training set's class names in label order (evaluation checks its folders against them),
+    ``num_samples`` the training set's size, ``global_batch`` images per optimizer step over all
+    processes and ``base_lr`` the lr scaled to it (a resume with another global batch logs both)."""
     scaler = optimizer_step.scaler
     return {
         "model": model.state_dict(),
@@ -233,8 +242,9 @@ def training_state(model, optimizer_step, ema, progress, cfg, world_size, classe
         "epoch": progress.epoch, "batch": progress.batch,
         "global_step": progress.global_step, "best": progress.best,
         "sampler": {"epoch": progress.epoch, "batch": progress.batch, "seed": cfg["seed"],
-                    "world_size": world_size, "batch_size": cfg["data"]["train"]["batch_size"]},
-        "rng": rng_state(), "config": cfg, "classes": classes,
+                    "world_size": world_size, "batch_size": cfg["data"]["train"]["batch_size"],
+                    "num_samples": num_samples, "global_batch": global_batch},
+        "base_lr": base_lr, "rng": rng_state(), "config": cfg, "classes": classes,
     }
 
 
@@ -248,6 +258,41 @@ def check_resumable(ckpt, path, world_size, batch_size):
     if ckpt["batch"] and (sampler.get("world_size"), sampler.get("batch_size")) != (world_size, batch_size):
         raise CheckpointError(f"{path} stopped mid-epoch with {sampler.get('world_size')} processes x batch "
                               f"{sampler.get('batch_size')}; resume it with the same, or from an epoch checkpoint")
+
+
+def check_mid_epoch_resume(ckpt, path, num_samples, global_batch):
+    """Raise CheckpointError when ``ckpt`` stopped mid-epoch and this run's training set (``num_samples``
+    images) or global batch (accumulation included) differs from the one it recorded: its position in
+    the epoch would mean other samples, and the epoch would end early or late. Returns a warning (str)
+    when the checkpoint predates these records and they cannot be checked, else None."""
+    if not ckpt["batch"]:
+        return None      # an epoch boundary: any data and batch continue from there
+    sampler = ckpt.get("sampler") or {}
+    recorded_samples, recorded_batch = sampler.get("num_samples"), sampler.get("global_batch")
+    if recorded_samples is not None and recorded_samples != num_samples:
+        raise CheckpointError(f"{path} stopped mid-epoch ({ckpt['batch']} batches into epoch {ckpt['epoch'] + 1}) on "
+                              f"a training set of {recorded_samples} images, but data.train.dataset now has "
+                              f"{num_samples}: its position in the epoch would mean other images. Resume on the "
+                              "same training set, or from an epoch checkpoint (epoch_*.pdckpt) of that run")
+    if recorded_batch is not None and recorded_batch != global_batch:
+        raise CheckpointError(f"{path} stopped mid-epoch with a global batch of {recorded_batch}, this run has "
+                              f"{global_batch} (train.accum_steps changed?); resume it with the same, or from an "
+                              "epoch checkpoint")
+    if recorded_samples is None:
+        return (f"{path} does not record its training set's size: resuming mid-epoch assumes data.train.dataset "
+                "is unchanged")
+    return None
+
+
+def recorded_lr_scaling(ckpt):
+    """(global batch, base lr) the run of ``ckpt`` trained with; None for what it does not record
+    (the global batch of an older checkpoint is worked out from its sampler and config)."""
+    sampler = ckpt.get("sampler") or {}
+    global_batch = sampler.get("global_batch")
+    if global_batch is None and sampler.get("world_size") and sampler.get("batch_size"):
+        accum = ((ckpt.get("config") or {}).get("train") or {}).get("accum_steps", 1)
+        global_batch = sampler["world_size"] * sampler["batch_size"] * accum
+    return global_batch, ckpt.get("base_lr")
 
 
 def restore_training_state(ckpt, path, model, optimizer_step, ema):

@@ -1,6 +1,7 @@
 """Run logging: console + train.log, metrics.jsonl (one JSON per epoch), VisualDL scalars, the lines
 a run prints, and loss meters that accumulate on the device so that logging does not synchronise
-every step."""
+every step. What is logged of training is the mean over every process's samples (the meters are
+all-reduced when read, once per log interval and epoch)."""
 import json
 import logging
 import os
@@ -100,7 +101,8 @@ class MetricsWriter:
 
 
 class DeviceMeter:
-    """Sums named scalar tensors on the device; ``means()`` syncs once and resets."""
+    """Sums named scalar tensors on the device; ``means()`` reduces them over the processes, syncs
+    once and resets."""
 
     def __init__(self):
         self.sums, self.count = {}, 0
@@ -113,12 +115,16 @@ class DeviceMeter:
         self.count += 1
 
     def means(self, reset=True):
-        """{name: float} averaged over the additions since the last reset (one device->host copy)."""
+        """{name: float} averaged over the additions of every process since the last reset: one
+        all-reduce (a collective: every process calls it at the same point, with the same names) and
+        one device->host copy. Each addition is a micro-batch's mean and every process's micro-batches
+        are equally large, so this is the mean over all processes' samples."""
         if not self.count:
             return {}
         keys = list(self.sums)
-        host = paddle.stack([self.sums[k] for k in keys]).numpy() / self.count
-        out = {k: float(v) for k, v in zip(keys, host)}
+        totals = paddle.stack([self.sums[k] for k in keys] + [paddle.full([], self.count, "float32")])
+        host = du.all_reduce(totals, "sum").numpy()
+        out = {k: float(v) for k, v in zip(keys, host[:-1] / host[-1])}
         if reset:
             self.sums, self.count = {}, 0
         return out
@@ -205,11 +211,13 @@ class EpochReport:
             self.bar.update(1)
 
     def log_interval(self, step_in_epoch, global_step, lr):
-        """Log the mean losses since the last call (one device->host copy) and restart the interval."""
+        """Log the mean losses of all processes since the last call (one all-reduce and device->host
+        copy; every process calls this) and restart the interval."""
         means = self.interval.means()
         seconds = max(time.time() - self.started, 1e-9)
         if self.main and self.steps:
-            eta = (self.epochs * self.steps_per_epoch - global_step) * seconds / self.steps
+            # steps left from this epoch's position: global_step may count steps of another global batch (resume)
+            eta = ((self.epochs - self.epoch) * self.steps_per_epoch - step_in_epoch) * seconds / self.steps
             line = format_step_line(self.epoch, self.epochs, step_in_epoch, self.steps_per_epoch, global_step, lr,
                                     means, self.global_batch * self.steps / seconds, self.data_wait / seconds, eta)
             if self.bar is not None:
@@ -222,7 +230,7 @@ class EpochReport:
         self._restart()
 
     def epoch_loss(self):
-        """The mean loss over the micro-batches this process ran in the epoch (None if none)."""
+        """The mean loss over the micro-batches every process ran in the epoch (None if none)."""
         return self.epoch_losses.means().get("loss")
 
 

@@ -2,8 +2,10 @@
 
 Parameter groups: no weight decay on 1-D parameters (norm scales, biases) and on what the model's
 ``no_weight_decay()`` names. The configured lr is for ``reference_batch`` images per optimizer step
-and is scaled linearly to the actual global batch. Schedules are pure functions of the global step,
-so resuming needs no scheduler state.
+and is scaled linearly to the actual global batch. Schedules are pure functions of training
+progress in epochs (``epoch_progress``: finished epochs + the fraction of the current one done), so
+resuming needs no scheduler state, and a run resumed with another number of processes or another
+batch size (so other steps per epoch) continues the same curve.
 """
 import functools
 import math
@@ -15,7 +17,7 @@ from passl.ranges import NonNegativeFloat, PositiveFloat, ranged
 from passl.registry import LR_SCHEDULES, OPTIMIZERS
 
 __all__ = ["split_decay_groups", "scale_lr", "build_optimizer", "AdamW", "WarmupCosine", "Constant",
-           "build_lr_schedule"]
+           "build_lr_schedule", "epoch_progress"]
 
 
 def split_decay_groups(model, no_weight_decay=None):
@@ -94,30 +96,34 @@ def build_optimizer(opt_cfg, model, global_batch, grad_clip=None, multi_precisio
 
 
 # ---------------------------------------------------------------------------------------------
-# schedules: callables step -> lr, built with base_lr, epochs and steps_per_epoch
+# schedules: callables epoch progress -> lr, built with base_lr and epochs
+
+def epoch_progress(epoch, step_in_epoch, steps_per_epoch):
+    """Training progress in epochs: ``epoch`` finished epochs plus ``step_in_epoch`` of the current
+    epoch's ``steps_per_epoch`` optimizer steps done. The lr of optimizer step k (0-based) of epoch e
+    is ``schedule(epoch_progress(e, k, steps_per_epoch))``."""
+    return epoch + step_in_epoch / steps_per_epoch
+
 
 class _Schedule:
     """A linear warm-up from ``warmup_lr`` over ``warmup_epochs``, then ``after_warmup(t)``.
 
-    Time ``t`` is measured in epochs: fractional when ``per_iteration``, whole epochs otherwise (as
-    the reference, which updates once per epoch).
+    Time ``t`` is training progress in epochs (``epoch_progress``): used as it is when
+    ``per_iteration``, rounded down to whole epochs otherwise (as the reference, which updates once
+    per epoch).
     """
 
     def __init__(self, warmup_epochs, warmup_lr, per_iteration):
         self.warmup_epochs, self.warmup_lr, self.per_iteration = warmup_epochs, warmup_lr, per_iteration
-        self.base_lr = self.epochs = self.steps_per_epoch = None
+        self.base_lr = self.epochs = None
 
-    def bind(self, base_lr, epochs, steps_per_epoch):
-        """Attach the run's scaled lr, total epochs and optimizer steps per epoch."""
-        if steps_per_epoch <= 0:
-            raise ConfigError("the training set gives no full batch per epoch; lower data.train.batch_size "
-                              "or train.accum_steps")
-        self.base_lr, self.epochs, self.steps_per_epoch = base_lr, epochs, steps_per_epoch
+    def bind(self, base_lr, epochs):
+        """Attach the run's scaled lr and total epochs."""
+        self.base_lr, self.epochs = base_lr, epochs
         return self
 
-    def __call__(self, step):
-        """The lr for optimizer step ``step`` (0-based, counted over the whole run)."""
-        t = step / self.steps_per_epoch
+    def __call__(self, t):
+        """The lr at training progress ``t`` epochs (see ``epoch_progress``)."""
         t = t if self.per_iteration else math.floor(t)
         if t < self.warmup_epochs:
             return self.warmup_lr + (self.base_lr - self.warmup_lr) * t / self.warmup_epochs
@@ -162,6 +168,6 @@ class Constant(_Schedule):
         return self.base_lr
 
 
-def build_lr_schedule(sched_cfg, base_lr, epochs, steps_per_epoch):
-    """Build the ``lr_schedule:`` section; returns a callable ``global_step -> lr``."""
-    return LR_SCHEDULES.build(sched_cfg).bind(base_lr, epochs, steps_per_epoch)
+def build_lr_schedule(sched_cfg, base_lr, epochs):
+    """Build the ``lr_schedule:`` section; returns a callable ``epoch progress -> lr``."""
+    return LR_SCHEDULES.build(sched_cfg).bind(base_lr, epochs)

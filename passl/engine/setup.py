@@ -19,12 +19,13 @@ from passl.data import build_dataset, collate_fn
 from passl.data.datasets import check_same_classes
 from passl.data.loader import Loader, build_loader
 from passl.engine.amp import AmpSettings, resolve_amp
-from passl.engine.checkpoint import (CheckpointManager, Progress, check_resumable, find_latest, load_file,
-                                     restore_training_state, training_state)
+from passl.engine.checkpoint import (CheckpointManager, Progress, check_mid_epoch_resume, check_resumable,
+                                     find_latest, load_file, recorded_lr_scaling, restore_training_state,
+                                     training_state)
 from passl.engine.ema import ModelEma
 from passl.engine.guards import RunFlags, check_disk
 from passl.engine.logging import MetricsWriter, setup_logger
-from passl.engine.optim import build_lr_schedule, build_optimizer
+from passl.engine.optim import build_lr_schedule, build_optimizer, epoch_progress
 from passl.engine.step import OptimizerStep
 from passl.errors import ConfigError
 from passl.utils import distributed as du
@@ -103,7 +104,7 @@ class Run:
     raw_model: paddle.nn.Layer      # the model itself (cast to float16/bfloat16 under AMP O2)
     loss_fn: Callable               # (model outputs, batch) -> {'loss': 0-d tensor, other terms}
     optimizer_step: OptimizerStep
-    schedule: Callable              # global step -> lr
+    schedule: Callable              # training progress in epochs -> lr (optim.epoch_progress)
     ema: Optional[ModelEma]
     amp: AmpSettings
     train_loader: Loader
@@ -128,10 +129,16 @@ class Run:
         return {split: loader.dataset for split, loader in (("train", self.train_loader), ("val", self.val_loader))
                 if loader is not None}
 
+    def lr(self, epoch, step_in_epoch):
+        """The lr of optimizer step ``step_in_epoch`` (0-based) of epoch ``epoch`` (0-based)."""
+        return self.schedule(epoch_progress(epoch, step_in_epoch, self.steps_per_epoch))
+
     def state(self):
         """The checkpoint dict of the run as it stands."""
         return training_state(self.raw_model, self.optimizer_step, self.ema, self.progress, self.cfg,
-                              self.session.world_size, classes=list(self.train_loader.dataset.source.classes))
+                              self.session.world_size, classes=list(self.train_loader.dataset.source.classes),
+                              num_samples=len(self.train_loader.dataset), global_batch=self.global_batch,
+                              base_lr=self.schedule.base_lr)
 
 
 def build_run(session, load=None, resume=None):
@@ -151,6 +158,8 @@ def build_run(session, load=None, resume=None):
     load = load or cfg["train"].get("load")
     if ckpt is None and load:
         _load_weights(model, load, cfg["train"]["reinit_head"], log.info)
+    if cfg["model"].get("sync_bn"):      # before the EMA copies the model
+        model = du.convert_sync_batchnorm(model, session.device, log=log.info)
     amp = resolve_amp(cfg["amp"], session.device, log=log.info)
     ema = ModelEma(model, cfg["ema"]["decay"]) if cfg["ema"]["enable"] else None   # from the starting weights
     accum = cfg["train"]["accum_steps"]
@@ -158,12 +167,20 @@ def build_run(session, load=None, resume=None):
     optimizer, base_lr = build_optimizer(cfg["optimizer"], model, global_batch, cfg["train"]["grad_clip"],
                                          multi_precision=amp.enabled and amp.level == "O2", log=log.info)
     steps_per_epoch = len(train_loader) // accum
-    schedule = build_lr_schedule(cfg["lr_schedule"], base_lr, cfg["epochs"], steps_per_epoch)
+    if steps_per_epoch <= 0:
+        raise ConfigError(f"the training set ({len(train_loader.dataset)} images) gives no full batch per epoch "
+                          f"with {session.world_size} process(es) x batch {cfg['data']['train']['batch_size']} x "
+                          f"{accum} accumulation; lower data.train.batch_size or train.accum_steps")
+    schedule = build_lr_schedule(cfg["lr_schedule"], base_lr, cfg["epochs"])
     optimizer_step = OptimizerStep(optimizer, amp.scaler, accum)
     progress = Progress()
     if ckpt is not None:
+        warning = check_mid_epoch_resume(ckpt, resume, len(train_loader.dataset), global_batch)
+        if warning:
+            log.warning(warning)
         progress = restore_training_state(ckpt, resume, model, optimizer_step, ema)
         log.info(f"resumed {resume}: epoch {progress.epoch} batch {progress.batch} step {progress.global_step}")
+        _log_lr_scaling(ckpt, global_batch, base_lr, progress, steps_per_epoch, log.info)
     model, optimizer_step.optimizer = amp.decorate(model, optimizer)
     run = Run(
         session=session, model=paddle.DataParallel(model) if session.world_size > 1 else model, raw_model=model,
@@ -172,10 +189,38 @@ def build_run(session, load=None, resume=None):
         global_batch=global_batch, progress=progress, flags=RunFlags(),
         checkpoints=CheckpointManager(session.output_dir, cfg["train"]["keep_last"]),
         metrics=MetricsWriter(session.output_dir, enabled=session.main))
+    if ckpt is not None:      # after DataParallel, which gives every rank rank 0's buffers
+        _restore_own_bn_statistics(ckpt, session, model, ema)
     if session.main:
         dump_config(cfg, os.path.join(session.output_dir, "config.yaml"))
     log.info(_describe(run))
     return run
+
+
+def _restore_own_bn_statistics(ckpt, session, model, ema):
+    """A mid-epoch checkpoint of several processes keeps every rank's own BatchNorm statistics
+    (trainer._settle_bn_statistics; its model holds their average): give this rank its own back."""
+    per_rank = ckpt.get("bn_by_rank")
+    if not ckpt["batch"] or not per_rank or len(per_rank) != session.world_size:
+        return
+    own = per_rank[session.rank]
+    for module, values in ((model, own.get("model")), (ema.module if ema is not None else None, own.get("ema"))):
+        if module is None or not values:
+            continue
+        stats = du.bn_statistics(module)
+        for name, value in values.items():
+            stats[name].set_value(paddle.to_tensor(value).astype(stats[name].dtype))
+
+
+def _log_lr_scaling(ckpt, global_batch, base_lr, progress, steps_per_epoch, log):
+    """Say so when a resumed run has another global batch than the checkpoint's: the lr is scaled anew,
+    and the schedule continues from the same point in epochs."""
+    old_batch, old_lr = recorded_lr_scaling(ckpt)
+    if old_batch is None or old_batch == global_batch:
+        return
+    was = f" (was {old_lr:.4g})" if old_lr is not None else ""
+    log(f"the global batch changed from {old_batch} to {global_batch}: lr scaled to {base_lr:.4g}{was}; the lr "
+        f"schedule continues from the end of epoch {progress.epoch} ({steps_per_epoch} steps/epoch now)")
 
 
 def _check_epochs_left(ckpt, path, epochs):

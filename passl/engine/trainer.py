@@ -8,7 +8,9 @@ nothing but the validation data.
 Randomness in the model (MixToken, drop path) is reseeded at every optimizer step from
 (seed, rank, step), and data augmentation per sample (passl.data.loader), so a resumed run
 repeats the uninterrupted one exactly and every rank has its own recorded stream. Losses stay on
-the device; the only host syncs are once per log interval (guards.RunFlags.sync) and per epoch.
+the device; the only host syncs are once per log interval (guards.RunFlags.sync and the loss meters,
+reduced over the processes there) and per epoch. At the end of every epoch the BatchNorm running
+statistics are averaged over the processes, so all evaluate, and the checkpoint keeps, one model.
 """
 import json
 import os
@@ -25,6 +27,7 @@ from passl.engine.logging import EpochReport, format_epoch_line, format_eta, pro
 from passl.engine.setup import _load_weights, build_model, build_run, build_split_loader, start_session
 from passl.data.datasets import check_same_classes
 from passl.errors import ConfigError, DataError
+from passl.utils import distributed as du
 from passl.utils.fileio import write_text
 
 __all__ = ["train", "evaluate_only", "fit", "train_one_epoch", "train_step", "end_epoch", "step_seed"]
@@ -74,8 +77,11 @@ def fit(run):
         run.log.error(nonfinite_message(e.step, progress.epoch, run.session.output_dir))
         return EXIT_FAILED
     except Interrupted:
+        per_rank = _settle_bn_statistics(run, keep_per_rank=True)   # a collective: on every rank
         if run.session.main:
-            path = run.checkpoints.save_latest(run.state())
+            state = run.state()
+            state["bn_by_rank"] = per_rank
+            path = run.checkpoints.save_latest(state)
             run.log.warning(f"interrupted at epoch {progress.epoch + 1} batch {progress.batch} "
                             f"(step {progress.global_step}); saved {path}. Continue with --resume")
         return EXIT_INTERRUPTED
@@ -118,7 +124,7 @@ def train_one_epoch(run):
             if progress.global_step % run.cfg["train"]["log_interval"] == 0 or at_end or run.flags.stop_now():
                 stop = run.flags.sync()
                 report.log_interval(progress.batch // accum, progress.global_step,
-                                    lr=run.schedule(progress.global_step - 1))
+                                    lr=run.lr(progress.epoch, progress.batch // accum - 1))
                 if stop and not at_end:
                     raise Interrupted()
         return report.epoch_loss()
@@ -132,7 +138,8 @@ def train_step(run, batch, update):
             losses = run.loss_fn(run.model(batch["image"]), batch)
         run.optimizer_step.backward(losses["loss"])
     if update:
-        run.optimizer_step.step(run.schedule(run.progress.global_step))
+        progress = run.progress    # progress.batch: the micro-batches before this step's
+        run.optimizer_step.step(run.lr(progress.epoch, progress.batch // run.optimizer_step.accum_steps))
         if run.ema is not None:
             run.ema.update(run.model)
     return losses
@@ -148,7 +155,9 @@ def end_epoch(run, train_loss, wall_time):
     keep the best of model and EMA, write the epoch checkpoint and its metrics.jsonl line."""
     progress, epochs = run.progress, run.cfg["epochs"]
     progress.epoch, progress.batch = progress.epoch + 1, 0
-    record = {"epoch": progress.epoch, "train_loss": train_loss, "lr": run.schedule(progress.global_step - 1)}
+    _settle_bn_statistics(run)     # every rank evaluates, and the checkpoint keeps, the same model
+    record = {"epoch": progress.epoch, "train_loss": train_loss,
+              "lr": run.lr(progress.epoch - 1, run.steps_per_epoch - 1)}    # the lr of the epoch's last step
     best_weights = None
     if run.val_loader is not None and (progress.epoch % run.cfg["train"]["eval_interval"] == 0
                                        or progress.epoch == epochs):
@@ -161,6 +170,24 @@ def end_epoch(run, train_loss, wall_time):
         path = run.checkpoints.save_epoch(run.state(), progress.epoch, best_weights is not None, best_weights)
         run.metrics.epoch(record)
         run.log.info(format_epoch_line(record, best_weights is not None, path))
+
+
+def _settle_bn_statistics(run, keep_per_rank=False):
+    """Average the BatchNorm running statistics of the model and its EMA over the processes (see
+    distributed.average_bn_statistics; a collective, nothing to do with one process).
+
+    ``keep_per_rank`` (a mid-epoch stop): first gather each rank's own statistics, returned as
+    [{'model': {name: array}, 'ema': {...}} per rank] for the checkpoint, so that a resume gives every
+    rank its own back and continues exactly as if never stopped; None with one process or no BatchNorm.
+    """
+    ema_module = run.ema.module if run.ema is not None else None
+    per_rank = None
+    if keep_per_rank and run.session.world_size > 1 and du.bn_statistics(run.raw_model):
+        own = {"model": {k: v.numpy() for k, v in du.bn_statistics(run.raw_model).items()},
+               "ema": {k: v.numpy() for k, v in du.bn_statistics(ema_module).items()} if ema_module else {}}
+        per_rank = du.gather_objects(own)
+    du.average_bn_statistics(run.raw_model, ema_module)
+    return per_rank
 
 
 def _evaluate_epoch(run, record):

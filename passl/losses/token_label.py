@@ -25,7 +25,7 @@ from passl.ranges import NonNegativeFloat, ranged
 from passl.registry import LOSSES
 
 __all__ = ["TokenLabelCrossEntropy", "SoftTargetCrossEntropy", "class_target", "mix_class_target",
-           "dense_token_loss", "soft_cross_entropy"]
+           "dense_token_loss", "soft_cross_entropy", "unused_outputs_term"]
 
 
 Smoothing = ranged(float, 0, 1, high_open=True)   # s = 1 would make every target uniform
@@ -86,6 +86,21 @@ def mix_class_target(target, box, num_tokens):
     area = (box[2] - box[0]) * (box[3] - box[1])
     lam = 1.0 - area / float(num_tokens)
     return lam * target + (1.0 - lam) * target[::-1]
+
+
+def unused_outputs_term(*outputs):
+    """0 * the sum of every tensor in ``outputs`` (None skipped): a 0-d float32 zero that keeps
+    outputs a loss does not read (aux_logits with ``dense_weight: 0``) in the backward graph.
+
+    Why: under ``paddle.DataParallel`` every parameter that produced a model output must receive a
+    gradient, or Paddle 3.3 stops at the next step asking for ``find_unused_parameters=True``; that
+    flag alone does not help, because Paddle finds the parameters from the outputs, and an output
+    the loss never reads still marks them as used. A zero-weighted term gives them exact zero
+    gradients, as the reference's ``0 * loss`` does: AdamW then moves them by its decoupled weight
+    decay only, the same with one process or many.
+    """
+    terms = [t.astype("float32").sum() for t in outputs if t is not None]
+    return 0.0 * paddle.add_n(terms) if terms else paddle.zeros([], "float32")
 
 
 def soft_cross_entropy(logits, target):
@@ -176,7 +191,7 @@ class TokenLabelCrossEntropy(paddle.nn.Layer):
             out["loss"] = self.cls_weight * loss_cls + self.dense_weight * loss_dense
         else:
             out["loss_dense"] = paddle.zeros([], "float32")
-            out["loss"] = self.cls_weight * loss_cls
+            out["loss"] = self.cls_weight * loss_cls + unused_outputs_term(aux_logits)
         return out
 
 
@@ -196,4 +211,4 @@ class SoftTargetCrossEntropy(paddle.nn.Layer):
         if aux_logits is not None:
             target = mix_class_target(target, mix_box, aux_logits.shape[1])
         loss = soft_cross_entropy(cls_logits, target)
-        return {"loss": loss, "loss_cls": loss}
+        return {"loss": loss + unused_outputs_term(aux_logits), "loss_cls": loss}

@@ -55,8 +55,8 @@ def count_macs(model, img_size=None):
     "attention" (the q k^T and attn v part of blocks), "heads", "grid": (h, w), "tokens": N}.
     """
     if isinstance(model, dict):
-        from passl.registry import MODELS
-        model = MODELS.build(model)
+        import passl
+        model = passl.build_model(model)
     if hasattr(model, "count_macs"):   # a model whose stages are not LV-ViT's uniform blocks (VOLO) counts itself
         return model.count_macs(img_size)
     height, width = model.img_size if img_size is None else (
@@ -79,8 +79,8 @@ def count_macs(model, img_size=None):
 def summarize(model, img_size=None):
     """Parameters, multiply-adds and token grid of ``model`` (layer or model config) as a dict."""
     if isinstance(model, dict):
-        from passl.registry import MODELS
-        model = MODELS.build(model)
+        import passl
+        model = passl.build_model(model)
     return {"params": count_params(model), "macs": count_macs(model, img_size),
             "img_size": model.img_size if img_size is None else img_size,
             "embed_dim": model.embed_dim, "depth": model.depth if hasattr(model, "depth") else len(model.blocks),

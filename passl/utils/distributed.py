@@ -1,4 +1,5 @@
 """Device choice, ranks and the few collectives the engine uses (each a no-op with one process)."""
+import math
 import os
 
 from passl.errors import ConfigError
@@ -73,3 +74,71 @@ def gather_objects(obj):
     gathered = []
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm across processes
+
+def _local_batch_norms(model):
+    """{structured name: layer} of the BatchNorm layers of ``model`` whose statistics are per process
+    (SyncBatchNorm computes them over all processes, so they are equal everywhere already)."""
+    import paddle
+    from paddle.nn.layer.norm import _BatchNormBase
+    return {name: layer for name, layer in model.named_sublayers()
+            if isinstance(layer, (_BatchNormBase, paddle.nn.BatchNorm))
+            and not isinstance(layer, paddle.nn.SyncBatchNorm)}
+
+
+def bn_statistics(model):
+    """{'<layer>._mean' / '<layer>._variance': tensor} of ``model``'s per-process BatchNorm layers."""
+    stats = {}
+    for name, layer in _local_batch_norms(unwrap(model)).items():
+        stats[f"{name}._mean"], stats[f"{name}._variance"] = layer._mean, layer._variance
+    return stats
+
+
+def average_bn_statistics(*models):
+    """Replace the BatchNorm running means and variances of each model in ``models`` (None skipped) by
+    their mean over all processes, in place; one all-reduce per dtype. Returns how many tensors.
+
+    BatchNorm normalises with the statistics of each process's own batches, and DataParallel syncs
+    buffers only when it wraps the model, so every process's running statistics drift apart. They
+    are averaged (as timm's ``distribute_bn`` with reduce) rather than taken from rank 0: the average
+    is the estimate over all processes' samples, where rank 0's would throw away what the other ranks
+    saw. The all-reduce hands every rank the same sum, so every rank ends with identical values.
+    """
+    import paddle
+    stats = [t for model in models if model is not None for t in bn_statistics(model).values()]
+    if world_size() == 1 or not stats:
+        return len(stats)
+    with paddle.no_grad():
+        for dtype in sorted({str(t.dtype) for t in stats}):
+            group = [t for t in stats if str(t.dtype) == dtype]
+            flat = all_reduce(paddle.concat([t.reshape([-1]) for t in group]), "sum") / world_size()
+            start = 0
+            for tensor in group:
+                size = math.prod(tensor.shape)      # tensor.numel() would be a device tensor
+                tensor.set_value(flat[start:start + size].reshape(tensor.shape).astype(tensor.dtype))
+                start += size
+    return len(stats)
+
+
+def convert_sync_batchnorm(model, device, log=print):
+    """``model`` with its BatchNorm layers as ``paddle.nn.SyncBatchNorm`` (statistics over the batches
+    of all processes; the same parameters and buffers, so checkpoints are interchangeable) when several
+    GPU processes run; unchanged with one process. Paddle has no CPU kernel for SyncBatchNorm (Paddle
+    3.3.1: "kernel sync_batch_norm is not registered"), so several CPU processes raise ConfigError."""
+    import paddle
+    count = len(_local_batch_norms(model))
+    if world_size() == 1 or not count:
+        if log:
+            log(f"model.sync_bn: {'one process' if count else 'the model has no BatchNorm'}, nothing to synchronise")
+        return model
+    if device != "gpu":
+        raise ConfigError("model.sync_bn: Paddle's SyncBatchNorm runs on GPUs only (it has no CPU kernel); set "
+                          "-o model.sync_bn=false on the CPU (BatchNorm statistics are still averaged over the "
+                          "processes before every evaluation and checkpoint)")
+    model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if log:
+        log(f"model.sync_bn: {count} BatchNorm layers use SyncBatchNorm over {world_size()} processes")
+    return model

@@ -6,9 +6,10 @@ import numpy as np
 import paddle
 import pytest
 
-from passl.engine.checkpoint import (CheckpointManager, Progress, atomic_save, check_resumable, find_latest,
-                                     load_file, optimizer_state_by_names, optimizer_state_from_names,
-                                     restore_training_state, training_state)
+from passl.engine.checkpoint import (CheckpointManager, Progress, atomic_save, check_mid_epoch_resume,
+                                     check_resumable, find_latest, load_file, optimizer_state_by_names,
+                                     optimizer_state_from_names, recorded_lr_scaling, restore_training_state,
+                                     training_state)
 from passl.engine.ema import ModelEma
 from passl.engine.step import OptimizerStep
 from passl.errors import CheckpointError, WriteError
@@ -107,10 +108,13 @@ def test_training_state_restores_into_a_new_run(tmp_path):
     model, step, ema = _run_pieces(0)
     _train_steps(model, step, ema, 2)
     progress = Progress(epoch=1, batch=2, global_step=5, best={"top1": 50.0, "which": "ema", "epoch": 1})
-    atomic_save(training_state(model, step, ema, progress, CFG, world_size=1), str(tmp_path / "c.pdckpt"))
+    atomic_save(training_state(model, step, ema, progress, CFG, world_size=1, num_samples=50, global_batch=4,
+                               base_lr=0.01), str(tmp_path / "c.pdckpt"))
     next_draw = paddle.rand([4]).numpy()                 # the stream continues from the saved generator state
     ckpt = load_file(str(tmp_path / "c.pdckpt"))
-    assert ckpt["sampler"] == {"epoch": 1, "batch": 2, "seed": 3, "world_size": 1, "batch_size": 4}
+    assert ckpt["sampler"] == {"epoch": 1, "batch": 2, "seed": 3, "world_size": 1, "batch_size": 4,
+                               "num_samples": 50, "global_batch": 4}
+    assert recorded_lr_scaling(ckpt) == (4, 0.01)
 
     model2, step2, ema2 = _run_pieces(1)
     check_resumable(ckpt, "c.pdckpt", world_size=1, batch_size=4)
@@ -153,6 +157,37 @@ def test_resume_refuses_what_it_cannot_continue():
     other_model = paddle.nn.Sequential(paddle.nn.Linear(3, 4))
     with pytest.raises(CheckpointError, match="model keys do not match"):
         restore_training_state(epoch_end, "c.pdckpt", other_model, step, None)
+
+
+def test_a_mid_epoch_resume_needs_the_same_training_set_and_global_batch():
+    model, step, ema = _run_pieces(0)
+    mid_epoch = training_state(model, step, ema, Progress(epoch=1, batch=2, global_step=5), CFG, world_size=2,
+                               num_samples=100, global_batch=8, base_lr=0.01)
+    assert check_mid_epoch_resume(mid_epoch, "c.pdckpt", 100, 8) is None
+    with pytest.raises(CheckpointError, match=r"c.pdckpt stopped mid-epoch .2 batches into epoch 2. on a training "
+                                              r"set of 100 images, but data.train.dataset now has 90"):
+        check_mid_epoch_resume(mid_epoch, "c.pdckpt", 90, 8)
+    with pytest.raises(CheckpointError, match="global batch of 8, this run has 16"):
+        check_mid_epoch_resume(mid_epoch, "c.pdckpt", 100, 16)
+    epoch_end = training_state(model, step, ema, Progress(epoch=2, global_step=6), CFG, world_size=2,
+                               num_samples=100, global_batch=8)
+    assert check_mid_epoch_resume(epoch_end, "c.pdckpt", 90, 16) is None     # an epoch boundary: anything goes
+
+
+def test_checkpoints_without_the_new_records_still_resume():
+    """Written before num_samples, global_batch and base_lr were recorded: resumable, the checks that need
+    them skipped (with a warning mid-epoch), the global batch worked out from the sampler and config."""
+    model, step, ema = _run_pieces(0)
+    old = training_state(model, step, ema, Progress(epoch=1, batch=2, global_step=5), CFG, world_size=2)
+    for key in ("num_samples", "global_batch"):
+        del old["sampler"][key]
+    del old["base_lr"]
+    old["config"] = {**CFG, "train": {"accum_steps": 3}}
+    check_resumable(old, "c.pdckpt", world_size=2, batch_size=4)
+    assert "does not record its training set's size" in check_mid_epoch_resume(old, "c.pdckpt", 90, 24)
+    assert recorded_lr_scaling(old) == (24, None)
+    model2, step2, ema2 = _run_pieces(1)
+    assert restore_training_state(old, "c.pdckpt", model2, step2, ema2) == Progress(epoch=1, batch=2, global_step=5)
 
 
 def test_keep_last_zero_keeps_only_latest_and_best(tmp_path):

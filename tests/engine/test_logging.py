@@ -98,3 +98,18 @@ def test_bad_images_are_listed_once_each(tmp_path, caplog):
     assert (tmp_path / "bad_images_train.txt").read_text() == "a.png\nb.png\n"
     assert not (tmp_path / "bad_images_val.txt").exists()
     assert "2 undecodable train image(s) were skipped (skip_bad_images: true), e.g. a.png" in caplog.text
+
+
+def test_eta_counts_the_steps_left_from_the_position_in_the_epochs(monkeypatch, caplog):
+    """Resumed with another global batch, the global step counts steps of another length: the ETA does not
+    use it. Epoch 3 of 4, step 1 of 5 done in 2 s: 4 + 5 steps left at 2 s each."""
+    clock = Clock()
+    monkeypatch.setattr(run_logging, "time", clock)
+    log = logging.getLogger("test_logging.eta")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        with EpochReport(log, Scalars(), True, epoch=2, epochs=4, steps_per_epoch=5, global_batch=8) as report:
+            report.add({"loss": paddle.to_tensor(1.0)})
+            clock.now += 2.0
+            report.step_done()
+            report.log_interval(step_in_epoch=1, global_step=31, lr=0.1)
+    assert caplog.records[0].getMessage().endswith("eta 0:00:18")

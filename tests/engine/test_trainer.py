@@ -221,3 +221,29 @@ def test_loader_workers_do_not_outlive_their_epoch(tmp_path, image_data):
                             data__val__num_workers=2))
     assert code == 0
     assert _child_processes() - before == set()
+
+
+def test_a_mid_epoch_resume_on_another_training_set_is_refused(tmp_path, image_data, monkeypatch):
+    """Stopped 1 step into epoch 1, then the training folder gains images: the position in the epoch would
+    mean other images, so the resume stops with the fix and changes nothing; on the same data it resumes."""
+    import shutil
+    train_root, val_root = image_data
+    grown = tmp_path / "train"
+    shutil.copytree(train_root, grown)
+    cfg_path = tiny_config(tmp_path, str(grown), val_root, epochs=2)
+    original = OptimizerStep.step
+
+    def step_then_interrupt(self, lr):
+        original(self, lr)
+        os.kill(os.getpid(), signal.SIGINT)
+    with monkeypatch.context() as patch:
+        patch.setattr(OptimizerStep, "step", step_then_interrupt)
+        assert _run(cfg_path) == 130
+    stopped = load_file(str(tmp_path / "out" / "latest.pdckpt"))
+    assert (stopped["epoch"], stopped["batch"], stopped["sampler"]["num_samples"]) == (0, 1, 12)
+    shutil.copy(grown / "class_0" / "img_0.png", grown / "class_0" / "img_9.png")
+    with pytest.raises(CheckpointError, match=r"latest.pdckpt stopped mid-epoch .1 batches into epoch 1. on a training "
+                                              r"set of 12 images, but data.train.dataset now has 13"):
+        _run(cfg_path, resume="auto")
+    os.remove(grown / "class_0" / "img_9.png")
+    assert _run(cfg_path, resume="auto") == 0

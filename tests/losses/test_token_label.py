@@ -132,7 +132,20 @@ def test_dense_weight_zero_removes_the_dense_term():
     _, want_cls, _ = reference_loss(cls, aux, fields)
     assert float(got["loss"]) == pytest.approx(want_cls, rel=1e-5)
     got["loss"].backward()
-    assert out[1].grad is None or not np.any(out[1].grad.numpy())
+    # aux_logits stays in the graph with an exact zero gradient: under DataParallel its parameters
+    # must receive a gradient (see unused_outputs_term)
+    assert out.aux_logits.grad is not None and not np.any(out.aux_logits.grad.numpy())
+
+
+def test_outputs_a_loss_does_not_read_get_a_zero_gradient():
+    rng = np.random.default_rng(4)
+    fields = random_compact(rng)
+    cls, aux, out = outputs(rng)
+    got = passl.build_loss({"name": "SoftTargetCrossEntropy"})(out, to_paddle(fields))
+    assert float(got["loss"]) == pytest.approx(float(got["loss_cls"]), rel=0, abs=0)
+    got["loss"].backward()
+    assert out.aux_logits.grad is not None and not np.any(out.aux_logits.grad.numpy())
+    assert np.any(out.cls_logits.grad.numpy())
 
 
 def test_targets_sum_to_one_and_fallback_is_smoothed_one_hot():
