@@ -146,7 +146,8 @@ def step_seed(seed, rank, step):
 
 def end_epoch(run, train_loss, wall_time):
     """Close the epoch just trained: evaluate when due (every ``eval_interval`` epochs and the last),
-    keep the best by ``train.select_best`` (recorded in the record and the checkpoint's ``best``), write the epoch checkpoint and its metrics.jsonl line."""
+    keep the best by ``train.select_best`` (the rule goes into the record and the checkpoint's ``best``),
+    write the epoch checkpoint and its metrics.jsonl line."""
     progress, epochs = run.progress, run.cfg["epochs"]
     progress.epoch, progress.batch = progress.epoch + 1, 0
     record = {"epoch": progress.epoch, "train_loss": train_loss, "lr": run.schedule(progress.global_step - 1)}
