@@ -145,9 +145,12 @@ def build_token_targets(label_map, view, map_region, grid, num_classes, label=No
     classes, token_logits, cls_logits, token_known, cls_known = pool_label_map(label_map, box, grid, coverage=True)
     token_weight = (token_known >= MIN_TOKEN_COVERAGE - 1e-9).astype(np.float32)
     # the mean over the known part of a bin: unknown cells added logit 0 and no weight
-    token_logits = token_logits / np.where(token_known < 1.0, np.maximum(token_known, 1e-12), 1.0)[:, None]
+    partial = np.flatnonzero(token_known < 1.0)
+    if partial.size:
+        token_logits[partial] /= np.maximum(token_known[partial], 1e-12)[:, None]
     if cls_known > 1e-9:
-        cls_logits = cls_logits / (cls_known if cls_known < 1.0 else 1.0)
+        if cls_known < 1.0:
+            cls_logits = cls_logits / cls_known
     elif label is not None:                     # the crop misses the map: the image label
         return _with_class_label(classes, token_logits, token_weight, int(label), num_classes)
     token_probs, token_bg = compact_softmax(token_logits, num_classes)
