@@ -105,6 +105,9 @@ DEFAULTS = {
         "grad_clip": Optional(Range(0, low_open=True)),   # max global grad norm, or null for none
         "log_interval": Range(1, kind=int, default=50),   # optimizer steps
         "eval_interval": Range(1, kind=int, default=1),   # epochs
+        # which weights are scored to keep best.pdckpt / best_model.*: 'ema' the EMA when there is one
+        # (the reference), 'model' the trained weights, 'better' whichever of the two scores higher
+        "select_best": Choice("ema", "model", "better"),
         "keep_last": Range(0, kind=int, default=3,
                            note="epoch checkpoints kept besides latest.pdckpt and best.pdckpt; 0 keeps just those"),
         "load": Optional(str),         # initial weights when --load is not given (fine-tuning)

@@ -4,8 +4,9 @@
         --out sample.npz [--png sample.png]
 
 sample.npz holds image [3, H, W] float32 (exactly what the model sees), token_targets [N, C] float32
-(rows sum to 1), cls_target [C], grid (rows, cols), label. The PNG shows the image (un-normalised)
-with each token's top class written on it, so the alignment of labels and pixels can be checked by eye.
+(rows sum to 1), token_weight [N] (0: outside the label map's coverage, no dense target), cls_target [C],
+grid (rows, cols), label. The PNG shows the image (un-normalised) with each token's top class written on
+it ('-' without a target), so the alignment of labels and pixels can be checked by eye.
 """
 import os
 import sys

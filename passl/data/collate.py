@@ -6,7 +6,8 @@ index of an undecodable image this sample stood in for); with RandomErasing, ``e
 [B, max_count, 4] and ``erase_seed`` int64 [B]; for training, the compact targets of targets.py
 padded to a common U (a multiple of 8, so few distinct shapes occur): ``target_classes`` int64 [B, U]
 (-1 = padding), ``token_probs`` float32 [B, N, U] (0 at padding), ``token_bg`` float32 [B, N],
-``cls_probs`` float32 [B, U], ``cls_bg`` float32 [B].
+``token_weight`` float32 [B, N] (0: the token has no dense target), ``cls_probs`` float32 [B, U],
+``cls_bg`` float32 [B].
 """
 import numpy as np
 
@@ -37,5 +38,6 @@ def collate_fn(samples):
             cls_probs[row, :count] = s["cls_probs"]
         batch.update(target_classes=classes, token_probs=token_probs, cls_probs=cls_probs,
                      token_bg=np.stack([s["token_bg"] for s in samples]),
+                     token_weight=np.stack([s["token_weight"] for s in samples]),
                      cls_bg=np.stack([np.asarray(s["cls_bg"], np.float32) for s in samples]))
     return batch

@@ -8,7 +8,8 @@ dicts of numpy arrays (workers never create paddle tensors):
 
     image  uint8 [3, H, W]    label  int64 []    bad_image_index  int64 [] (-1: none)
     with RandomErasing: erase_boxes int32 [max_count, 4], erase_seed int64 []
-    train only: target_classes [U], token_probs [N, U], token_bg [N], cls_probs [U], cls_bg []
+    train only: target_classes [U], token_probs [N, U], token_bg [N], token_weight [N], cls_probs [U],
+                cls_bg []
 
 Normalize and the pixel work of RandomErasing run on the collated batch on the training device
 (``TokenLabelDataset.finish_batch``, called by the Loader), as timm's prefetcher does on the GPU.
@@ -281,7 +282,7 @@ class TokenLabelDataset(paddle.io.Dataset):
                 item.update(fallback_targets(label, tokens))
             else:
                 item.update(build_token_targets(sample.label_map, sample.view, sample.map_region,
-                                                self.grid_size, self.num_classes))
+                                                self.grid_size, self.num_classes, label))
         return item
 
     def finish_batch(self, batch, erase=None):

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from passl.data import pixels
+from passl.data.targets import UNKNOWN
 from passl.errors import ConfigError
 from passl.ranges import PositiveFloat, PositiveInt, Probability, ranged
 from passl.registry import TRANSFORMS
@@ -68,7 +69,8 @@ class Sample:
 
     image:      PIL RGB image, or uint8 [H, W, 3] RGB array once an OpenCV op ran (float32 [3, H, W]
                 after Normalize applied to the sample itself)
-    label_map:  float32 [2, K, h, w] or None (scores, class indices; class -1 marks an empty entry)
+    label_map:  float32 [2, K, h, w] or None (scores, class indices; class -1 marks an empty entry,
+                class -2 (targets.UNKNOWN) a cell outside the map's coverage)
     map_region: (x0, y0, x1, y1) reference-frame box the map covers
     view:       (x0, y0, x1, y1) reference-frame box the image shows
     size:       (width, height) of the original image (the reference frame)
@@ -132,8 +134,9 @@ class Transform:
 
 
 def _pad_map_to_view(sample):
-    """Grow the map with empty cells (same cell size) until it covers the whole view, e.g. a
-    centre-square map of a wide image gets empty columns left and right."""
+    """Grow the map with unknown cells (same cell size, class ``targets.UNKNOWN``, score 0) until it
+    covers the whole view, e.g. a centre-square map of a wide image gets unknown columns left and
+    right: the image shows something there that the map does not label (targets.py leaves it out)."""
     _, k, mh, mw = sample.label_map.shape
     rx0, ry0, rx1, ry1 = sample.map_region
     vx0, vy0, vx1, vy1 = sample.view
@@ -146,7 +149,7 @@ def _pad_map_to_view(sample):
     if not (left or right or top or bottom):
         return
     out = np.zeros((2, k, mh + top + bottom, mw + left + right), sample.label_map.dtype)
-    out[1] = -1.0
+    out[1] = UNKNOWN
     out[:, :, top:top + mh, left:left + mw] = sample.label_map
     sample.label_map = out
     sample.map_region = (rx0 - left * cw, ry0 - top * ch, rx1 + right * cw, ry1 + bottom * ch)
@@ -158,8 +161,9 @@ def warp_label_map(sample, inverse):
     inverse: (a, b, c, d, e, f) mapping an output pixel point (x, y) to the input point
     (a x + b y + c, d x + e y + f), in the image's continuous pixel coordinates (PIL's convention).
     Each map cell takes the cell under the inverse image of its centre (nearest); cells whose
-    source lies outside the map get scores 0 and class -1. The map is first padded with empty cells to
-    cover the whole view, so content the op moves out of the original coverage keeps its labels.
+    source lies outside the map (the fill pixels the op brings in) get scores 0 and class -1. The map is
+    first padded with unknown cells to cover the whole view, so content the op moves out of the original
+    coverage keeps its labels, and unlabelled content stays unknown wherever the op moves it.
     """
     if sample.label_map is None:
         return

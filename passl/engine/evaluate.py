@@ -3,7 +3,8 @@
 Each process counts hits over its share, masking the sampler's padding (repeated samples that
 make the shares equal), and the integer counts are summed across processes. Integer sums do not
 depend on the order of addition, so 1, 2 or N processes report the same numbers.
-``pick_best`` decides, after each evaluation, whether the model or its EMA is the run's new best.
+``pick_best`` decides, after each evaluation and by the configured rule, whether the model or its EMA
+is the run's new best.
 """
 import contextlib
 
@@ -11,7 +12,7 @@ import paddle
 
 from passl.utils.distributed import all_reduce
 
-__all__ = ["topk_hits", "evaluate", "pick_best"]
+__all__ = ["topk_hits", "evaluate", "pick_best", "BEST_RULES"]
 
 
 def topk_hits(logits, labels, valid=None):
@@ -55,13 +56,26 @@ def evaluate(model, loader, autocast=None, progress=None):
     return {"top1": 100.0 * counts[0] / max(n, 1), "top5": 100.0 * counts[1] / max(n, 1), "num_samples": n}
 
 
-def pick_best(top1, best, epoch):
-    """The run's new best record if this epoch beats ``best``, else None.
+BEST_RULES = ("ema", "model", "better")
 
-    top1: {'model': %, 'ema': %} (no 'ema' without an EMA); the better of the two counts, the EMA on
-    a tie. best: the record so far, {'top1', 'which', 'epoch'}, or None before the first evaluation.
+
+def pick_best(top1, best, epoch, rule="ema"):
+    """The run's new best record if this epoch beats ``best`` under ``rule``, else None.
+
+    top1: {'model': %, 'ema': %} (no 'ema' without an EMA). rule (config ``train.select_best``):
+    'ema' scores the EMA alone when there is one, else the model (the reference: its EMA weights are
+    the ones selected and published); 'model' scores the model alone; 'better' the higher of the
+    two, the EMA on a tie. best: the record so far, {'top1', 'which', 'epoch', 'rule'}, or None before
+    the first evaluation; a record kept under another rule (a resumed run whose rule changed; records
+    without 'rule' were kept by 'better') scored other weights, so the next evaluation replaces it.
+    Returns {'top1', 'which' ('model' | 'ema'), 'epoch', 'rule'} or None.
     """
-    which = max(top1, key=lambda k: (top1[k], k == "ema"))
-    if best is None or top1[which] > best["top1"]:
-        return {"top1": top1[which], "which": which, "epoch": epoch}
+    if rule not in BEST_RULES:
+        raise ValueError(f"rule must be one of {BEST_RULES}, got {rule!r}")
+    if rule == "better":
+        which = max(top1, key=lambda k: (top1[k], k == "ema"))
+    else:
+        which = "ema" if rule == "ema" and "ema" in top1 else "model"
+    if best is None or best.get("rule", "better") != rule or top1[which] > best["top1"]:
+        return {"top1": top1[which], "which": which, "epoch": epoch, "rule": rule}
     return None

@@ -86,7 +86,8 @@ def fit(run):
                             f"(step {progress.global_step}); saved {path}. Continue with --resume")
         return EXIT_INTERRUPTED
     best = progress.best
-    best_text = f"best top1 {best['top1']:.3f} ({best['which']}, epoch {best['epoch']})" if best else "no evaluation"
+    best_text = (f"best top1 {best['top1']:.3f} ({best['which']}, epoch {best['epoch']}, select_best "
+                 f"{best.get('rule', 'better')})" if best else "no evaluation")
     run.log.info(f"done: {epochs} epochs, {progress.global_step} steps in {format_eta(time.time() - started)}; "
                  f"{best_text}; checkpoints in {run.session.output_dir}")
     return EXIT_OK
@@ -152,7 +153,8 @@ def step_seed(seed, rank, step):
 
 def end_epoch(run, train_loss, wall_time):
     """Close the epoch just trained: evaluate when due (every ``eval_interval`` epochs and the last),
-    keep the best of model and EMA, write the epoch checkpoint and its metrics.jsonl line."""
+    keep the best by ``train.select_best`` (the rule goes into the record and the checkpoint's ``best``),
+    write the epoch checkpoint and its metrics.jsonl line."""
     progress, epochs = run.progress, run.cfg["epochs"]
     progress.epoch, progress.batch = progress.epoch + 1, 0
     _settle_bn_statistics(run)     # every rank evaluates, and the checkpoint keeps, the same model
@@ -161,8 +163,14 @@ def end_epoch(run, train_loss, wall_time):
     best_weights = None
     if run.val_loader is not None and (progress.epoch % run.cfg["train"]["eval_interval"] == 0
                                        or progress.epoch == epochs):
-        new_best = pick_best(_evaluate_epoch(run, record), progress.best, progress.epoch)
+        rule = run.cfg["train"]["select_best"]
+        new_best = pick_best(_evaluate_epoch(run, record), progress.best, progress.epoch, rule)
+        record["select_best"] = rule
         if new_best is not None:
+            if progress.best is not None and progress.best.get("rule", "better") != rule:
+                run.log.warning(f"train.select_best is now '{rule}'; the best so far (epoch {progress.best['epoch']}) "
+                                f"was kept by '{progress.best.get('rule', 'better')}', so epoch {progress.epoch} "
+                                "becomes the best")
             progress.best = new_best
             best_weights = (run.ema if new_best["which"] == "ema" else run.raw_model).state_dict()
     record["wall_time"] = round(wall_time, 3)

@@ -56,6 +56,14 @@ def _compact(batch, num_tokens):
     return label, ones, paddle.zeros([size, max(num_tokens, 1)], "float32"), ones[:, 0], paddle.zeros([size], "float32")
 
 
+def _token_weight(batch, size, num_tokens):
+    """[B, N] float32: 1 for a token with a dense target, 0 for one outside its label map's coverage
+    (targets.py); all ones when the batch carries no weights."""
+    if "token_weight" in batch:
+        return batch["token_weight"].astype("float32")
+    return paddle.ones([size, num_tokens], "float32")
+
+
 def class_target(batch, num_classes, smoothing=0.1, ground_truth=False):
     """Smoothed class-token target [B, C] (float32): (1 - s) p + s / C from the compact ``cls_probs`` /
     ``cls_bg`` (or the one-hot label), blended with the smoothed one-hot label when ``ground_truth``:
@@ -109,7 +117,8 @@ def soft_cross_entropy(logits, target):
 
 
 def dense_token_loss(aux, batch, smoothing=0.1):
-    """mean over B and N of the soft cross-entropy of aux [B, N, C] against the compact token targets."""
+    """Mean over the B x N tokens that have a target (``token_weight`` 1: all of them unless a label map
+    leaves some uncovered) of the soft cross-entropy of aux [B, N, C] against the compact token targets."""
     aux = aux.astype("float32")
     size, tokens, num_classes = aux.shape
     classes, probs, bg, _, _ = _compact(batch, tokens)
@@ -117,13 +126,18 @@ def dense_token_loss(aux, batch, smoothing=0.1):
     index = paddle.where(classes >= 0, classes, paddle.zeros_like(classes)).unsqueeze(1)
     index = index.expand([size, tokens, classes.shape[1]])                      # [B, N, U]
     weight = paddle.where(valid, probs - bg.unsqueeze(-1), paddle.zeros_like(probs))
-    return _DenseSoftCrossEntropy.apply(aux, index, weight, bg, float(smoothing))
+    token_weight = _token_weight(batch, size, tokens)
+    # 1 / (tokens with targets), kept on the device (no host sync); 0 when no token has one
+    share = token_weight / paddle.clip(token_weight.sum(), min=1.0)
+    return _DenseSoftCrossEntropy.apply(aux, index, weight, bg, share, float(smoothing))
 
 
 class _DenseSoftCrossEntropy(PyLayer):
     """The dense term with its gradient written out, so that [B, N, C] is touched in a few passes.
 
-    Per token, with a = (1 - s) bg + s / C, w_u = probs_u - bg (0 for padding), W = sum_u w_u:
+    The result is sum over tokens of share * loss, share = token_weight / sum(token_weight): the mean
+    over the tokens that have targets. Per token, with a = (1 - s) bg + s / C, w_u = probs_u - bg
+    (0 for padding), W = sum_u w_u:
         loss = -a sum_c z_c + (a C + (1 - s) W) lse - (1 - s) sum_u w_u z_{class_u}
         dloss/dz_c = (a C + (1 - s) W) softmax(z)_c - a - (1 - s) sum_u w_u [class_u = c]
     lse = max z - log(max softmax z): exact, and max softmax >= 1/C keeps the log well conditioned.
@@ -139,7 +153,7 @@ class _DenseSoftCrossEntropy(PyLayer):
     """
 
     @staticmethod
-    def forward(ctx, aux, index, weight, bg, smoothing):
+    def forward(ctx, aux, index, weight, bg, share, smoothing):
         num_classes = aux.shape[-1]
         prob = F.softmax(aux, axis=-1)                                           # [B, N, C]
         lse = aux.max(-1) - paddle.log(prob.max(-1))                             # [B, N]
@@ -147,19 +161,19 @@ class _DenseSoftCrossEntropy(PyLayer):
         coef = a * num_classes + (1.0 - smoothing) * weight.sum(-1)
         picked = (weight * paddle.take_along_axis(aux, index, axis=2)).sum(-1)
         per_token = coef * lse - a * aux.sum(-1) - (1.0 - smoothing) * picked
-        ctx.save_for_backward(prob, index, weight, a, coef)
+        ctx.save_for_backward(prob, index, weight, a, coef, share)
         ctx.smoothing = smoothing
-        return per_token.mean()
+        return (share * per_token).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        prob, index, weight, a, coef = ctx.saved_tensor()
-        scale = grad / float(a.shape[0] * a.shape[1])                            # d mean / d per_token
+        prob, index, weight, a, coef, share = ctx.saved_tensor()
+        scale = grad * share                                                     # d loss / d per_token, [B, N]
         # in place on the saved softmax, which only this backward reads: a new [B, N, C] block per
         # op costs more than the op itself on the CPU
         out = prob.multiply_((coef * scale).unsqueeze(-1)).subtract_((a * scale).unsqueeze(-1))
-        return out.put_along_axis_(index, -(1.0 - ctx.smoothing) * scale * weight, axis=2, reduce="add"), \
-            None, None, None
+        return out.put_along_axis_(index, -(1.0 - ctx.smoothing) * scale.unsqueeze(-1) * weight, axis=2,
+                                   reduce="add"), None, None, None, None
 
 
 @LOSSES.register()

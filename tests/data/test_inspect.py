@@ -32,6 +32,7 @@ def test_inspect_labels_tool(tmp_path, capsys):
     assert saved["image"].shape == (3, 32, 32) and saved["token_targets"].shape == (4, 3)
     np.testing.assert_allclose(saved["token_targets"].sum(-1), 1, atol=1e-5)
     np.testing.assert_allclose(saved["cls_target"].sum(), 1, atol=1e-5)
+    assert saved["token_weight"].shape == (4,)
     assert saved["grid"].tolist() == [2, 2] and Image.open(png).size == (96, 96)
     assert "wrote" in capsys.readouterr().out
     module.main(argv[:-4] + ["--out", str(tmp_path / "t.npz")])

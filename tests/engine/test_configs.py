@@ -36,22 +36,28 @@ def test_pretraining_recipe(name):
     assert any(t.get("config_str") == ops for t in cfg["data"]["train"]["transforms"])
 
 
-@pytest.mark.parametrize("name,model,size", [("lvvit_small_384.yaml", "lvvit_s", 384),
-                                             ("lvvit_medium_384.yaml", "lvvit_m", 384),
-                                             ("lvvit_medium_448.yaml", "lvvit_m", 448),
-                                             ("lvvit_large_448.yaml", "lvvit_l", 448)])
-def test_finetune_recipe(name, model, size):
+# the reference's README fine-tuning command (-b 64 x 8, --lr 5e-6 --min-lr 5e-6 --weight-decay 1e-8
+# --drop-path 0.1, no --model-ema) with main.py's defaults for the rest (5 warm-up epochs from 1e-6);
+# evaluation at the variant's default crop_pct (lvvit_s 0.9, M and L 1.0) at every size
+@pytest.mark.parametrize("name,model,size,crop_pct", [("lvvit_small_384.yaml", "lvvit_s", 384, 0.9),
+                                                      ("lvvit_medium_384.yaml", "lvvit_m", 384, 1.0),
+                                                      ("lvvit_medium_448.yaml", "lvvit_m", 448, 1.0),
+                                                      ("lvvit_large_448.yaml", "lvvit_l", 448, 1.0)])
+def test_finetune_recipe(name, model, size, crop_pct):
     cfg = load_config(os.path.join(CONFIGS, name))
     assert (cfg["model"]["name"], cfg["model"]["img_size"], cfg["model"]["drop_path_rate"]) == (model, size, 0.1)
-    assert cfg["optimizer"]["lr"] == 5e-6 and cfg["optimizer"]["weight_decay"] == 1e-8
-    assert cfg["lr_schedule"]["name"] == "Constant"
+    opt, sched = cfg["optimizer"], cfg["lr_schedule"]
+    assert (opt["lr"], opt["reference_batch"], opt["weight_decay"]) == (5e-6, 512, 1e-8)
+    assert (sched["name"], sched["warmup_epochs"], sched["warmup_lr"]) == ("Constant", 5, 1e-6)
+    assert cfg["ema"]["enable"] is False
     assert cfg["data"]["train"]["batch_size"] == 64
     # the crops and resizes take the model's img_size: RandomResizedCrop, ResizeShorter, CenterCrop
     built = {split: build_transforms(cfg["data"][split]["transforms"], cfg["model"]["img_size"])
              for split in ("train", "val")}
     sizes = [t.size for t in built["train"] + built["val"] if hasattr(t, "size")]
     assert len(sizes) == 3 and set(sizes) == {size}
-    assert built["val"][0].target_short_side() == size          # evaluated at crop_pct 1.0
+    assert cfg["data"]["val"]["transforms"][0]["crop_pct"] == crop_pct
+    assert built["val"][0].target_short_side() == int(size / crop_pct)
 
 
 def test_transfer_config():

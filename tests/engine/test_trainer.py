@@ -110,6 +110,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_data, mon
     assert all(np.isfinite(v.numpy()).all() for v in latest["model"].values())
 
 
+@pytest.mark.parametrize("rule", ["model", "ema"])
+def test_best_is_selected_by_the_configured_rule_and_recorded(tmp_path, image_data, rule):
+    """train.select_best decides whose weights best_model.pdparams holds; the rule is kept in the
+    checkpoint's best record and in each evaluated epoch's metrics.jsonl line."""
+    train_root, val_root = image_data
+    code = _run(tiny_config(tmp_path, train_root, val_root, epochs=1, train__select_best=rule))
+    assert code == 0
+    out = tmp_path / "out"
+    latest = load_file(str(out / "latest.pdckpt"))
+    assert latest["best"]["rule"] == rule and latest["best"]["which"] == rule and latest["best"]["epoch"] == 1
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["select_best"] == rule
+    assert latest["best"]["top1"] == record["val_top1" if rule == "model" else "ema_top1"]
+    best_weights = paddle.load(str(out / "best_model.pdparams"))
+    chosen, other = (latest["model"], latest["ema"]) if rule == "model" else (latest["ema"], latest["model"])
+    key = "head.weight"
+    np.testing.assert_array_equal(best_weights[key].numpy(), chosen[key].numpy())
+    assert not np.array_equal(best_weights[key].numpy(), other[key].numpy())   # EMA decay 0.9: they differ
+    assert f"select_best {rule}" in (out / "train.log").read_text()
+
+
 def test_evaluate_only_needs_only_validation_data(tmp_path, image_data, capsys):
     train_root, val_root = image_data
     code = _run(tiny_config(tmp_path, train_root, val_root, epochs=1))

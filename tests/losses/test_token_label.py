@@ -94,6 +94,30 @@ def test_gradient_matches_dense_reference():
     np.testing.assert_allclose(out[1].grad.numpy(), want, atol=1e-6)
 
 
+def test_tokens_without_targets_are_left_out_of_the_dense_mean():
+    """token_weight 0 (outside a label map's coverage): the dense term is the mean over the other
+    tokens, and those tokens get no gradient."""
+    rng = np.random.default_rng(5)
+    fields = random_compact(rng)
+    token_weight = (rng.random((B, N)) < 0.6).astype(np.float32)
+    token_weight[0] = 0.0                                            # a sample with no dense target at all
+    fields["token_weight"] = token_weight
+    cls, aux, out = outputs(rng)
+    got = passl.build_loss({"name": "TokenLabelCrossEntropy"})(out, to_paddle(fields))
+    t_tok = np.stack([dense(fields, b, "token_probs", "token_bg") for b in range(B)]) * (1 - S) + S / C
+    per_token = -(t_tok * log_softmax(aux)).sum(-1)                                      # [B, N]
+    kept = token_weight > 0
+    assert float(got["loss_dense"]) == pytest.approx(per_token[kept].mean(), rel=1e-5)
+    got["loss"].backward()
+    want = (np.exp(log_softmax(aux)) - t_tok) * token_weight[..., None] / kept.sum()
+    np.testing.assert_allclose(out[1].grad.numpy(), want, atol=1e-6)
+    assert not out[1].grad.numpy()[~kept].any()
+    # no token with a target in the whole batch: the dense term is 0, not NaN
+    fields["token_weight"] = np.zeros((B, N), np.float32)
+    _, _, out = outputs(rng)
+    assert float(passl.build_loss({"name": "TokenLabelCrossEntropy"})(out, to_paddle(fields))["loss_dense"]) == 0.0
+
+
 def test_equals_soft_target_ce_when_tokens_share_the_cls_target():
     rng = np.random.default_rng(2)
     fields = random_compact(rng)
