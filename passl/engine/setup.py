@@ -160,11 +160,11 @@ def build_run(session, load=None, resume=None):
     steps_per_epoch = len(train_loader) // accum
     schedule = build_lr_schedule(cfg["lr_schedule"], base_lr, cfg["epochs"], steps_per_epoch)
     optimizer_step = OptimizerStep(optimizer, amp.scaler, accum)
-    progress = Progress()
-    if ckpt is not None:
-        progress = restore_training_state(ckpt, resume, model, optimizer_step, ema)
-        log.info(f"resumed {resume}: epoch {progress.epoch} batch {progress.batch} step {progress.global_step}")
     model, optimizer_step.optimizer = amp.decorate(model, optimizer)
+    progress = Progress()
+    if ckpt is not None:      # into the decorated model and optimizer: see restore_training_state
+        progress = restore_training_state(ckpt, resume, model, optimizer_step, ema, log=log.warning)
+        log.info(f"resumed {resume}: epoch {progress.epoch} batch {progress.batch} step {progress.global_step}")
     run = Run(
         session=session, model=paddle.DataParallel(model) if session.world_size > 1 else model, raw_model=model,
         loss_fn=passl.build_loss(cfg["loss"]), optimizer_step=optimizer_step, schedule=schedule, ema=ema, amp=amp,

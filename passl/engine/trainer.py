@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 
 from passl.engine.amp import resolve_amp
+from passl.engine.checkpoint import float32_weights
 from passl.engine.evaluate import evaluate, pick_best
 from passl.engine.guards import (Interrupted, NonFiniteLoss, claim_output_dir, explain_failure, nonfinite_message,
                                  stop_on_signals)
@@ -155,7 +156,8 @@ def end_epoch(run, train_loss, wall_time):
         new_best = pick_best(_evaluate_epoch(run, record), progress.best, progress.epoch)
         if new_best is not None:
             progress.best = new_best
-            best_weights = (run.ema if new_best["which"] == "ema" else run.raw_model).state_dict()
+            best_weights = (run.ema.state_dict() if new_best["which"] == "ema"
+                            else float32_weights(run.raw_model, run.optimizer_step.optimizer))
     record["wall_time"] = round(wall_time, 3)
     if run.session.main:
         path = run.checkpoints.save_epoch(run.state(), progress.epoch, best_weights is not None, best_weights)
