@@ -169,7 +169,8 @@ def build_run(session, load=None, resume=None):
         session=session, model=paddle.DataParallel(model) if session.world_size > 1 else model, raw_model=model,
         loss_fn=passl.build_loss(cfg["loss"]), optimizer_step=optimizer_step, schedule=schedule, ema=ema, amp=amp,
         train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
-        global_batch=global_batch, progress=progress, flags=RunFlags(),
+        global_batch=global_batch, progress=progress,
+        flags=RunFlags(cfg["amp"]["max_nonfinite_steps"] if amp.scaler is not None else 1),
         checkpoints=CheckpointManager(session.output_dir, cfg["train"]["keep_last"]),
         metrics=MetricsWriter(session.output_dir, enabled=session.main))
     if session.main:

@@ -9,7 +9,8 @@
 
 Gradients are clipped inside ``optimizer.step()`` by the optimizer's ``grad_clip``
 (``paddle.nn.ClipGradByGlobalNorm``, see optim.build_optimizer); ``GradScaler.step`` unscales them
-first, so the clip sees true gradients, and skips the update when they are not finite.
+first, so the clip sees true gradients, and skips the update when they are not finite; ``skipped``
+then holds that flag (on the device) for the caller to count.
 """
 import contextlib
 
@@ -31,6 +32,7 @@ class OptimizerStep:
         # Paddle names optimizer state "<param>_moment1_<n>" with a process-wide counter n; a private
         # name generator keeps n = 0, so a checkpoint restores into any process
         self._names = unique_name.UniqueNameGenerator()
+        self.skipped = None     # after a scaled step: bool tensor [1] on the device, True if it was skipped
 
     def accumulating(self, model, update):
         """Context for the forward and backward of one micro-batch: a DataParallel ``model`` skips the
@@ -53,7 +55,17 @@ class OptimizerStep:
         with unique_name.guard(self._names):
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
+                self.skipped = found_inf(self.scaler)
                 self.scaler.update()
             else:
                 self.optimizer.step()
         self.optimizer.clear_grad()
+
+
+def found_inf(scaler):
+    """Whether ``scaler`` (a ``paddle.amp.GradScaler``) skipped the step it just took, as the bool tensor
+    [1] it keeps on the device, or None where it keeps none (a disabled scaler). Paddle 3.3.1 has no
+    public accessor: ``GradScaler._unscale`` sets ``_found_inf`` from the gradients
+    (paddle/amp/grad_scaler.py:424-456) and ``step`` hands that tensor to the optimizer, which then skips
+    the update (grad_scaler.py:843-850, optimizer.py:1354-1364)."""
+    return getattr(scaler, "_found_inf", None)

@@ -72,7 +72,7 @@ def fit(run):
                 run.log.warning(f"stopped after epoch {progress.epoch}; continue with --resume")
                 return EXIT_INTERRUPTED
     except NonFiniteLoss as e:
-        run.log.error(nonfinite_message(e.step, progress.epoch, run.session.output_dir))
+        run.log.error(nonfinite_message(e.step, progress.epoch, run.session.output_dir, e.consecutive))
         return EXIT_FAILED
     except Interrupted:
         if run.session.main:
@@ -98,6 +98,7 @@ def train_one_epoch(run):
     progress, accum = run.progress, run.optimizer_step.accum_steps
     n_batches = run.steps_per_epoch * accum
     run.train_loader.set_epoch(progress.epoch, progress.batch)
+    run.flags.new_epoch()
     run.model.train()
     with EpochReport(run.log, run.metrics, run.session.main, progress.epoch, run.cfg["epochs"],
                      run.steps_per_epoch, run.global_batch, start_step=progress.batch // accum) as report:
@@ -113,13 +114,14 @@ def train_one_epoch(run):
             report.add(losses)
             if not update:
                 continue
+            run.flags.end_step(progress.global_step, run.optimizer_step.skipped)
             progress.global_step, progress.batch = progress.global_step + 1, batch_index + 1
             report.step_done()
             at_end = progress.batch == n_batches
             if progress.global_step % run.cfg["train"]["log_interval"] == 0 or at_end or run.flags.stop_now():
                 stop = run.flags.sync()
                 report.log_interval(progress.batch // accum, progress.global_step,
-                                    lr=run.schedule(progress.global_step - 1))
+                                    lr=run.schedule(progress.global_step - 1), skipped=run.flags.skipped_in_interval)
                 if stop and not at_end:
                     raise Interrupted()
         return report.epoch_loss()
@@ -150,6 +152,8 @@ def end_epoch(run, train_loss, wall_time):
     progress, epochs = run.progress, run.cfg["epochs"]
     progress.epoch, progress.batch = progress.epoch + 1, 0
     record = {"epoch": progress.epoch, "train_loss": train_loss, "lr": run.schedule(progress.global_step - 1)}
+    if run.optimizer_step.scaler is not None:        # steps the loss scaler skipped (non-finite gradients)
+        record["skipped_steps"] = run.flags.skipped_in_epoch
     best_weights = None
     if run.val_loader is not None and (progress.epoch % run.cfg["train"]["eval_interval"] == 0
                                        or progress.epoch == epochs):

@@ -103,3 +103,18 @@ def test_data_parallel_skips_the_gradient_sync_until_the_update():
         assert wrapped.grad_need_sync is False
     with step.accumulating(wrapped, update=True):
         assert wrapped.grad_need_sync is True
+
+
+def test_a_step_the_scaler_skips_leaves_the_weights_and_says_so_on_the_device():
+    from amp_helpers import SkippingScaler
+    model = _linear()
+    step = OptimizerStep(paddle.optimizer.AdamW(learning_rate=0.1, parameters=model.parameters()), SkippingScaler())
+    assert step.skipped is None
+    before = model.weight.numpy().copy()
+    step.backward(_loss(model, paddle.ones([2, 3])) * float("nan"))
+    step.step(0.1)
+    assert isinstance(step.skipped, paddle.Tensor) and step.skipped.numpy().tolist() == [True]
+    np.testing.assert_array_equal(model.weight.numpy(), before)
+    step.backward(_loss(model, paddle.ones([2, 3])))
+    step.step(0.1)
+    assert step.skipped.numpy().tolist() == [False] and not np.array_equal(model.weight.numpy(), before)
