@@ -19,6 +19,14 @@ class AmpSettings:
             return contextlib.nullcontext()
         return paddle.amp.auto_cast(enable=True, level=self.level, dtype=self.dtype)
 
+    def float32_weights_autocast(self):
+        """The autocast context for a model whose weights stay float32 (the EMA): O2 would run every op
+        of it in float16/bfloat16 (auto_cast O2 casts all inputs, as for a decorated model), so it runs
+        under O1, where only the ops of Paddle's white list (matmul, conv) compute in half precision."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(enable=True, level="O1", dtype=self.dtype)
+
     def decorate(self, model, optimizer):
         """O2 keeps float16/bfloat16 weights with float32 master copies in the optimizer."""
         if self.enabled and self.level == "O2":

@@ -137,7 +137,7 @@ def train_step(run, batch, update):
     if update:
         run.optimizer_step.step(run.schedule(run.progress.global_step))
         if run.ema is not None:
-            run.ema.update(run.model)
+            run.ema.update(run.model, run.optimizer_step.optimizer)   # O2: its float32 master weights
     return losses
 
 
@@ -173,8 +173,9 @@ def _evaluate_epoch(run, record):
     """Evaluate the model and its EMA; add val_/ema_ top1 and top5 to ``record``; return their top-1."""
     top1 = {}
     for which, prefix, model in (("model", "val", run.model), ("ema", "ema", run.ema and run.ema.module)):
-        if model is not None:
-            result = evaluate(model, run.val_loader, run.amp.autocast)
+        if model is not None:     # the float32 EMA under O1 autocast even in an O2 run: not cast down whole
+            autocast = run.amp.autocast if which == "model" else run.amp.float32_weights_autocast
+            result = evaluate(model, run.val_loader, autocast)
             record.update({f"{prefix}_top1": result["top1"], f"{prefix}_top5": result["top5"]})
             top1[which] = result["top1"]
     return top1

@@ -37,3 +37,52 @@ def test_ema_state_round_trip():
     other = ModelEma(paddle.nn.Linear(2, 2), decay=0.5)
     other.set_state_dict(ema.state_dict())
     np.testing.assert_array_equal(other.module.weight.numpy(), ema.module.weight.numpy())
+
+
+def test_under_o2_the_ema_follows_the_float32_master_weights():
+    """AMP O2 leaves float16 parameters and float32 master copies in the optimizer (emulated: decorate
+    does nothing on the CPU); the EMA averages the masters, not the parameters rounded to float16."""
+    paddle.seed(2)
+    model = paddle.nn.Sequential(paddle.nn.Linear(4, 3), paddle.nn.LayerNorm(3))
+    ema = ModelEma(model, decay=0.75)
+    start = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    model[0].to(dtype="float16")                       # what O2 casts; the norm layer stays float32
+    rng = np.random.default_rng(0)
+    masters = {}
+    for name, p in model.named_parameters():
+        if p.dtype == paddle.float16:
+            master = paddle.to_tensor(rng.normal(size=p.shape).astype("float32"))
+            p.set_value(master.astype("float16"))
+            masters[p.name] = master
+
+    class Optimizer:
+        _master_weights = masters
+    ema.update(model, Optimizer())
+    for name, p in model.named_parameters():
+        target = masters[p.name].numpy() if p.name in masters else p.numpy()
+        expected = 0.75 * start[name] + 0.25 * target.astype(np.float64)
+        value = ema.state_dict()[name]
+        assert value.dtype == paddle.float32
+        np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=name)
+    half_rounded = 0.75 * start["0.weight"] + 0.25 * model[0].weight.numpy().astype(np.float64)
+    assert np.abs(ema.state_dict()["0.weight"].numpy() - half_rounded).max() > 1e-5   # not the float16 values
+
+
+def test_the_update_touches_one_flat_buffer_and_the_module_is_written_when_read():
+    paddle.seed(3)
+    model = paddle.nn.Sequential(*[paddle.nn.Linear(3, 3) for _ in range(20)])
+    ema = ModelEma(model, decay=0.5)
+    calls = []
+    real_lerp = paddle.lerp
+    try:
+        paddle.lerp = lambda *a, **k: calls.append(a[0].shape) or real_lerp(*a, **k)
+        ema.update(model)
+    finally:
+        paddle.lerp = real_lerp
+    assert calls == [[20 * 12]]                          # one lerp over every averaged value
+    other = ModelEma(model, decay=0.5)
+    other.set_state_dict(ema.state_dict())
+    model[5].bias.set_value(model[5].bias + 2.0)
+    ema.update(model)
+    other.update(model)
+    np.testing.assert_array_equal(ema.module[5].bias.numpy(), other.state_dict()["5.bias"].numpy())
