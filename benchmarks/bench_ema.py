@@ -86,7 +86,8 @@ def main(argv=None):
     rows["wall_gain"] = rows["loop"]["wall_ms"] / rows["flat"]["wall_ms"]
     for name in versions:
         row = rows[name]
-        print(f"ema update {name:5s} {row['cpu_ms']:8.2f} ms cpu ({row['wall_ms']:8.2f} wall), {row['kernels']} kernels, "
+        print(f"ema update {name:5s} {row['cpu_ms']:8.2f} ms cpu ({row['wall_ms']:8.2f} wall), "
+              f"{row['kernels']} kernels, "
               f"{tensors} tensors", file=sys.stderr)
     print(f"loop/flat x{rows['cpu_gain']:.2f} cpu, x{rows['wall_gain']:.2f} wall", file=sys.stderr)
     _common.emit({"benchmark": "ema", "model": model_cfg["name"], "tensors": tensors,

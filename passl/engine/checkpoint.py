@@ -10,7 +10,8 @@ Layout of ``output_dir``:
 A checkpoint is a dict: model (float32 weights whatever the AMP level), optimizer (keyed by
 structured parameter names, so it does not depend on Paddle's internal tensor names or the AMP
 level), scaler, ema, epoch, batch (position in that epoch), global_step, best, sampler (what the
-position means: world_size, batch_size, seed), rng (see rng_state), config. ``training_state`` assembles it; ``restore_training_state`` puts it back.
+position means: world_size, batch_size, seed), rng (see rng_state), config. ``training_state``
+assembles it; ``restore_training_state`` puts it back.
 """
 import contextlib
 import dataclasses

@@ -151,7 +151,7 @@ def build_run(session, load=None, resume=None):
     load = load or cfg["train"].get("load")
     if ckpt is None and load:
         _load_weights(model, load, cfg["train"]["reinit_head"], log.info)
-    amp = resolve_amp(cfg["amp"], session.device, log=log.info)
+    amp = resolve_amp(cfg["amp"], session.device, log=log.info, warn=log.warning if session.main else None)
     ema = ModelEma(model, cfg["ema"]["decay"]) if cfg["ema"]["enable"] else None   # from the starting weights
     accum = cfg["train"]["accum_steps"]
     global_batch = cfg["data"]["train"]["batch_size"] * session.world_size * accum

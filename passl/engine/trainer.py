@@ -213,7 +213,8 @@ def evaluate_only(cfg, weights):
         raise ConfigError("--evaluate-only needs data.val.dataset in the config")
     _check_eval_classes(val_loader.dataset.source, model.num_classes, weights,
                         None if report["reinitialized"] else report["classes"])
-    amp = resolve_amp(cfg["amp"], session.device, log=session.log.info)
+    amp = resolve_amp(cfg["amp"], session.device, log=session.log.info,
+                      warn=session.log.warning if session.main else None)
     started = time.time()
     bar = progress_bar(len(val_loader), "eval", session.main)
     result = evaluate(model, val_loader, amp.autocast, bar)
