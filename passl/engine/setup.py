@@ -25,7 +25,7 @@ from passl.engine.ema import ModelEma
 from passl.engine.guards import RunFlags, check_disk
 from passl.engine.logging import MetricsWriter, setup_logger
 from passl.engine.optim import build_lr_schedule, build_optimizer
-from passl.engine.step import OptimizerStep
+from passl.engine.step import NormStatistics, OptimizerStep
 from passl.errors import ConfigError
 from passl.utils import distributed as du
 from passl.utils.fileio import ensure_writable_dir
@@ -160,6 +160,8 @@ def build_run(session, load=None, resume=None):
     steps_per_epoch = len(train_loader) // accum
     schedule = build_lr_schedule(cfg["lr_schedule"], base_lr, cfg["epochs"], steps_per_epoch)
     optimizer_step = OptimizerStep(optimizer, amp.scaler, accum)
+    if amp.scaler is not None:           # a skipped step leaves the BN statistics as they were
+        optimizer_step.norm_statistics = NormStatistics(model)
     model, optimizer_step.optimizer = amp.decorate(model, optimizer)
     progress = Progress()
     if ckpt is not None:      # into the decorated model and optimizer: see restore_training_state

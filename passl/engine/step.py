@@ -17,7 +17,7 @@ import contextlib
 import paddle
 from paddle.base import unique_name
 
-__all__ = ["OptimizerStep"]
+__all__ = ["OptimizerStep", "NormStatistics", "found_inf"]
 
 
 class OptimizerStep:
@@ -33,6 +33,7 @@ class OptimizerStep:
         # name generator keeps n = 0, so a checkpoint restores into any process
         self._names = unique_name.UniqueNameGenerator()
         self.skipped = None     # after a scaled step: bool tensor [1] on the device, True if it was skipped
+        self.norm_statistics = None   # a NormStatistics when skipped steps must not touch BN statistics
 
     def accumulating(self, model, update):
         """Context for the forward and backward of one micro-batch: a DataParallel ``model`` skips the
@@ -69,3 +70,28 @@ def found_inf(scaler):
     (paddle/amp/grad_scaler.py:424-456) and ``step`` hands that tensor to the optimizer, which then skips
     the update (grad_scaler.py:843-850, optimizer.py:1354-1364)."""
     return getattr(scaler, "_found_inf", None)
+
+
+class NormStatistics:
+    """The running statistics of ``model``'s batch-norm layers, put back after a forward whose loss is not
+    finite. Under a loss scaler such a step is skipped and the run goes on (guards.RunFlags), but the
+    forward has already folded its NaN/inf activations into the running mean and variance, which would
+    spoil evaluation and the EMA for good. Device ops only: a copy before the forward, a select after
+    (the statistics are small: the convolutional stem's channels)."""
+
+    def __init__(self, model):
+        from paddle.nn.layer.norm import _BatchNormBase
+        self.tensors = [t for layer in model.sublayers(include_self=True) if isinstance(layer, _BatchNormBase)
+                        for t in (layer._mean, layer._variance)]
+
+    def save(self):
+        return [t.clone() for t in self.tensors]
+
+    def keep_if_finite(self, saved, loss):
+        """Put ``saved`` (from ``save``) back unless ``loss`` (0-d) is finite."""
+        if not self.tensors:
+            return
+        finite = paddle.isfinite(loss.detach().astype("float32")).reshape([])
+        with paddle.no_grad():
+            for tensor, before in zip(self.tensors, saved):
+                tensor.set_value(paddle.where(finite, tensor, before))

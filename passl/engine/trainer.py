@@ -130,9 +130,13 @@ def train_one_epoch(run):
 def train_step(run, batch, update):
     """Forward and backward one micro-batch; when ``update``, step the optimizer with the scheduled
     lr and fold the new weights into the EMA. Returns {loss name: 0-d tensor}, still on the device."""
+    norms = run.optimizer_step.norm_statistics     # set when a loss scaler may skip this step
     with run.optimizer_step.accumulating(run.model, update):
+        saved = norms.save() if norms is not None else None
         with run.amp.autocast():
             losses = run.loss_fn(run.model(batch["image"]), batch)
+        if norms is not None:
+            norms.keep_if_finite(saved, losses["loss"])
         run.optimizer_step.backward(losses["loss"])
     if update:
         run.optimizer_step.step(run.schedule(run.progress.global_step))

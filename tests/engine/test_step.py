@@ -118,3 +118,24 @@ def test_a_step_the_scaler_skips_leaves_the_weights_and_says_so_on_the_device():
     step.backward(_loss(model, paddle.ones([2, 3])))
     step.step(0.1)
     assert step.skipped.numpy().tolist() == [False] and not np.array_equal(model.weight.numpy(), before)
+
+
+def test_a_forward_with_a_non_finite_loss_leaves_the_bn_statistics_as_they_were():
+    from passl.engine.step import NormStatistics
+    paddle.seed(4)
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Flatten())
+    model.train()
+    norms = NormStatistics(model)
+    assert len(norms.tensors) == 2
+    start = [t.numpy().copy() for t in norms.tensors]
+    image = paddle.rand([2, 3, 6, 6])
+    saved = norms.save()
+    bad = model(image * float("inf")).mean()
+    norms.keep_if_finite(saved, bad)
+    assert not np.isfinite(bad.numpy())
+    for tensor, before in zip(norms.tensors, start):
+        np.testing.assert_array_equal(tensor.numpy(), before)
+    saved = norms.save()
+    good = model(image).mean()
+    norms.keep_if_finite(saved, good)
+    assert all(np.isfinite(t.numpy()).all() and not np.array_equal(t.numpy(), b) for t, b in zip(norms.tensors, start))

@@ -246,8 +246,8 @@ def _with_scaler(monkeypatch):
     from passl.engine import setup
     real = setup.resolve_amp
 
-    def resolve_amp(amp_cfg, device, log=print):
-        amp = real(amp_cfg, device, log)
+    def resolve_amp(amp_cfg, device, **kwargs):
+        amp = real(amp_cfg, device, **kwargs)
         amp.scaler = SkippingScaler()
         return amp
     monkeypatch.setattr(setup, "resolve_amp", resolve_amp)
