@@ -221,7 +221,7 @@ def evaluate_only(cfg, weights):
                       warn=session.log.warning if session.main else None)
     started = time.time()
     bar = progress_bar(len(val_loader), "eval", session.main)
-    result = evaluate(model, val_loader, amp.autocast, bar)
+    result = evaluate(model, val_loader, amp.float32_weights_autocast, bar)   # the weights stay float32
     if bar is not None:
         bar.close()
     result.update(weights=os.path.abspath(weights), which=which, seconds=round(time.time() - started, 2))

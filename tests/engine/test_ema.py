@@ -1,6 +1,7 @@
 """Model EMA: the update rule, float32 storage, independence from the live model."""
 import numpy as np
 import paddle
+import pytest
 
 from passl.engine.ema import ModelEma
 
@@ -86,3 +87,21 @@ def test_the_update_touches_one_flat_buffer_and_the_module_is_written_when_read(
     ema.update(model)
     other.update(model)
     np.testing.assert_array_equal(ema.module[5].bias.numpy(), other.state_dict()["5.bias"].numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0),
+                    reason="AMP O2 decorate casts the model only on a CUDA device")
+def test_a_real_o2_step_is_followed_by_the_ema_in_float32():
+    paddle.set_device("gpu")
+    model = paddle.nn.Sequential(paddle.nn.Linear(8, 8), paddle.nn.LayerNorm(8))
+    ema = ModelEma(model, decay=0.0)                   # decay 0: the EMA is the latest weights
+    opt = paddle.optimizer.AdamW(learning_rate=0.01, parameters=model.parameters(), multi_precision=True)
+    model, opt = paddle.amp.decorate(models=model, optimizers=opt, level="O2", master_weight=True)
+    with paddle.amp.auto_cast(level="O2"):
+        loss = model(paddle.rand([4, 8])).astype("float32").pow(2).mean()
+    loss.backward()
+    opt.step()
+    ema.update(model, opt)
+    master = opt._master_weights[model[0].weight.name]
+    np.testing.assert_array_equal(ema.state_dict()["0.weight"].numpy(), master.numpy())

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import paddle
+import pytest
 
 from passl.engine.step import OptimizerStep
 
@@ -139,3 +140,22 @@ def test_a_forward_with_a_non_finite_loss_leaves_the_bn_statistics_as_they_were(
     good = model(image).mean()
     norms.keep_if_finite(saved, good)
     assert all(np.isfinite(t.numpy()).all() and not np.array_equal(t.numpy(), b) for t, b in zip(norms.tensors, start))
+
+
+HAS_GPU = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="paddle.amp.GradScaler only scales and skips on a CUDA device")
+def test_the_real_grad_scaler_reports_a_skipped_step():
+    paddle.set_device("gpu")
+    model = _linear()
+    step = OptimizerStep(paddle.optimizer.AdamW(learning_rate=0.1, parameters=model.parameters()),
+                         paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16))
+    before = model.weight.numpy().copy()
+    with paddle.amp.auto_cast():
+        loss = _loss(model, paddle.ones([2, 3])) * float("inf")
+    step.backward(loss)
+    step.step(0.1)
+    assert step.skipped.numpy().tolist() == [True]
+    np.testing.assert_array_equal(model.weight.numpy(), before)
