@@ -14,7 +14,7 @@ class ModelEma:
 
     Every floating-point entry of the state dict (parameters and BN running statistics) is
     averaged; integer buffers are copied. The averages live in one flat float32 buffer, so an update
-    is one concatenation of the weights and one ``lerp`` on the device, whatever the number of
+    is one concatenation of the weights and one in-place ``lerp_`` on the device, whatever the number of
     tensors (a loop over the state dict launched two or three kernels per tensor: about 600 for
     lvvit_s). Under AMP O2 the weights averaged are the optimizer's float32 master weights, not the
     float16/bfloat16 parameters. ``self.module`` is an eval-mode float32 copy of the model that holds
@@ -60,7 +60,7 @@ class ModelEma:
         source = unwrap(model).state_dict()
         current = self._flatten(source, getattr(optimizer, "_master_weights", None))
         # lerp: ema + (1 - decay) * (weights - ema), in float32
-        self._flat = paddle.lerp(self._flat, current, 1.0 - self.decay)
+        self._flat.lerp_(current, 1.0 - self.decay)        # in place: no third model-sized buffer
         if self._copied:
             targets = self._module.state_dict()
             for key in self._copied:

@@ -69,17 +69,16 @@ def test_under_o2_the_ema_follows_the_float32_master_weights():
     assert np.abs(ema.state_dict()["0.weight"].numpy() - half_rounded).max() > 1e-5   # not the float16 values
 
 
-def test_the_update_touches_one_flat_buffer_and_the_module_is_written_when_read():
+def test_the_update_touches_one_flat_buffer_and_the_module_is_written_when_read(monkeypatch):
     paddle.seed(3)
     model = paddle.nn.Sequential(*[paddle.nn.Linear(3, 3) for _ in range(20)])
     ema = ModelEma(model, decay=0.5)
-    calls = []
-    real_lerp = paddle.lerp
-    try:
-        paddle.lerp = lambda *a, **k: calls.append(a[0].shape) or real_lerp(*a, **k)
-        ema.update(model)
-    finally:
-        paddle.lerp = real_lerp
+    calls, real_lerp = [], paddle.Tensor.lerp_
+    monkeypatch.setattr(paddle.Tensor, "lerp_",
+                        lambda self, *a, **k: calls.append(self.shape) or real_lerp(self, *a, **k))
+    monkeypatch.setattr(paddle, "lerp", lambda *a, **k: calls.append("out of place"))
+    ema.update(model)
+    monkeypatch.undo()
     assert calls == [[20 * 12]]                          # one lerp over every averaged value
     other = ModelEma(model, decay=0.5)
     other.set_state_dict(ema.state_dict())
