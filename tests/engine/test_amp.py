@@ -3,6 +3,7 @@ import contextlib
 import warnings
 
 import paddle
+import pytest
 
 from passl.engine.amp import AmpSettings, resolve_amp
 
@@ -85,3 +86,16 @@ def test_the_float32_ema_is_evaluated_under_o1_in_an_o2_run(monkeypatch):
         pass
     assert [(a["level"], a["dtype"]) for a in asked] == [("O2", "bfloat16"), ("O1", "bfloat16")]
     assert isinstance(AmpSettings().float32_weights_autocast(), contextlib.nullcontext)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0),
+                    reason="Paddle's auto_cast turns itself off on the CPU")
+def test_on_a_real_gpu_the_logged_state_is_paddles():
+    paddle.set_device("gpu")
+    for dtype in ("float16", "bfloat16"):
+        warned = []
+        amp = resolve_amp({"enable": True, "dtype": dtype}, "gpu", log=None, warn=warned.append)
+        supported = paddle.amp.is_bfloat16_supported() if dtype == "bfloat16" else paddle.amp.is_float16_supported()
+        assert amp.enabled == bool(supported) and bool(warned) != amp.enabled
+        assert amp.describe() == (f"AMP O1 {dtype}" if supported else "AMP off (float32)")
