@@ -13,29 +13,44 @@ class ModelEma:
     """``ema = decay * ema + (1 - decay) * weights`` after every optimizer step.
 
     Every floating-point entry of the state dict (parameters and BN running statistics) is
-    averaged; integer buffers are copied. The averages live in one flat float32 buffer, so an update
-    is one concatenation of the weights and one in-place ``lerp_`` on the device, whatever the number of
-    tensors (a loop over the state dict launched two or three kernels per tensor: about 600 for
-    lvvit_s). Under AMP O2 the weights averaged are the optimizer's float32 master weights, not the
-    float16/bfloat16 parameters. ``self.module`` is an eval-mode float32 copy of the model that holds
-    the averages (written back from the buffer when it is read), so it can be evaluated and saved
-    like the model itself.
+    averaged; integer buffers are copied. ``self.module`` is an eval-mode float32 copy of the model
+    that holds the averages, so it can be evaluated and saved like the model itself. Its averaged
+    tensors are views of one flat float32 buffer, so an update is one concatenation of the weights
+    and one in-place ``lerp_`` on the device, whatever the number of tensors (a loop over the state
+    dict launched two kernels and a copy per tensor: about 600 for lvvit_s; benchmarks/bench_ema.py).
+    Under AMP O2 the weights averaged are the optimizer's float32 master weights, not the
+    float16/bfloat16 parameters.
     """
 
     def __init__(self, model, decay=0.99992):
         """Copy ``model`` while it is still float32 (before AMP O2 casts it)."""
         self.decay = float(decay)
-        self._module = copy.deepcopy(unwrap(model))
-        self._module.eval()
-        for p in self._module.parameters():
+        self.module = copy.deepcopy(unwrap(model))
+        self.module.eval()
+        for p in self.module.parameters():
             p.stop_gradient = True
-        targets = self._module.state_dict()
+        targets = self.module.state_dict()
         self._averaged = [k for k, v in targets.items() if paddle.is_floating_point(v)]
         self._copied = [k for k, v in targets.items() if not paddle.is_floating_point(v)]
-        self._shapes = [list(targets[k].shape) for k in self._averaged]
-        self._sizes = [int(np.prod(s)) for s in self._shapes]
+        half = [k for k in self._averaged if targets[k].dtype != paddle.float32]
+        if half:
+            raise ValueError(f"ModelEma needs the float32 model (before AMP O2 casts it); {half[0]} is "
+                             f"{targets[half[0]].dtype}")
+        self._share_flat_buffer()
+
+    def _share_flat_buffer(self):
+        """One float32 buffer holding the module's averaged tensors, which become views of it, the way
+        Paddle's fused parameter buffers share memory (paddle/distributed/fleet/utils/
+        tensor_fusion_helper.py:289-304: ``_slice(...)._share_buffer_to(param)``, then its dims)."""
+        targets = self.module.state_dict()
         self._flat = self._flatten(targets)
-        self._written = True        # whether self._module holds the values of self._flat
+        start = 0
+        for key in self._averaged:
+            tensor = targets[key]
+            shape, size = list(tensor.shape), int(np.prod(tensor.shape))
+            self._flat._slice(start, start + size)._share_buffer_to(tensor)
+            tensor.get_tensor()._set_dims(shape)
+            start += size
 
     def _flatten(self, state, masters=None):
         """The float32 concatenation of ``state``'s averaged entries (a master weight in place of its
@@ -59,23 +74,12 @@ class ModelEma:
         float16/bfloat16 parameters."""
         source = unwrap(model).state_dict()
         current = self._flatten(source, getattr(optimizer, "_master_weights", None))
-        # lerp: ema + (1 - decay) * (weights - ema), in float32
-        self._flat.lerp_(current, 1.0 - self.decay)        # in place: no third model-sized buffer
+        # lerp: ema + (1 - decay) * (weights - ema), in float32, in place: the module's tensors follow
+        self._flat.lerp_(current, 1.0 - self.decay)
         if self._copied:
-            targets = self._module.state_dict()
+            targets = self.module.state_dict()
             for key in self._copied:
                 targets[key].set_value(source[key])
-        self._written = False
-
-    @property
-    def module(self):
-        """The float32 model holding the averages (eval mode, no gradients)."""
-        if not self._written:
-            targets = self._module.state_dict()
-            for key, shape, piece in zip(self._averaged, self._shapes, paddle.split(self._flat, self._sizes)):
-                targets[key].set_value(piece.reshape(shape))
-            self._written = True
-        return self._module
 
     def state_dict(self):
         """The averaged weights: {structured name: float32 tensor}."""
@@ -84,10 +88,9 @@ class ModelEma:
     def set_state_dict(self, state):
         """Copy ``state`` (a state dict of this model, float32 or half precision) into the averages;
         returns (missing, unexpected)."""
-        targets = self._module.state_dict()
+        targets = self.module.state_dict()
         state = {k: v.astype(targets[k].dtype) if k in targets and isinstance(v, paddle.Tensor)
                  and paddle.is_floating_point(v) and v.dtype != targets[k].dtype else v for k, v in state.items()}
-        result = self._module.set_state_dict(state)
-        self._flat = self._flatten(self._module.state_dict())
-        self._written = True
+        result = self.module.set_state_dict(state)
+        self._share_flat_buffer()       # set_state_dict may have given the tensors new memory
         return result

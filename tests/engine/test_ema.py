@@ -69,7 +69,7 @@ def test_under_o2_the_ema_follows_the_float32_master_weights():
     assert np.abs(ema.state_dict()["0.weight"].numpy() - half_rounded).max() > 1e-5   # not the float16 values
 
 
-def test_the_update_touches_one_flat_buffer_and_the_module_is_written_when_read(monkeypatch):
+def test_the_update_touches_one_flat_buffer_that_the_module_shares(monkeypatch):
     paddle.seed(3)
     model = paddle.nn.Sequential(*[paddle.nn.Linear(3, 3) for _ in range(20)])
     ema = ModelEma(model, decay=0.5)
@@ -80,12 +80,16 @@ def test_the_update_touches_one_flat_buffer_and_the_module_is_written_when_read(
     ema.update(model)
     monkeypatch.undo()
     assert calls == [[20 * 12]]                          # one lerp over every averaged value
+    assert all(ema._flat._is_shared_buffer_with(t) for t in ema.module.state_dict().values())
+    assert not any(ema._flat._is_shared_buffer_with(t) for t in model.state_dict().values())
     other = ModelEma(model, decay=0.5)
     other.set_state_dict(ema.state_dict())
     model[5].bias.set_value(model[5].bias + 2.0)
     ema.update(model)
     other.update(model)
     np.testing.assert_array_equal(ema.module[5].bias.numpy(), other.state_dict()["5.bias"].numpy())
+    assert all(other._flat._is_shared_buffer_with(t) for t in other.module.state_dict().values())
+    assert [list(t.shape) for t in other.module.state_dict().values()] == [[3, 3], [3]] * 20
 
 
 @pytest.mark.gpu
