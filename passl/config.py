@@ -99,7 +99,10 @@ DEFAULTS = {
     "data": {"train": _data_split(128, "train"), "val": _data_split(128, "val")},
     "ema": {"enable": True, "decay": Range(0, 1, default=0.99992)},
     "amp": {"enable": Choice("auto", True, False), "level": Choice("O1", "O2"),
-            "dtype": Choice("float16", "bfloat16")},
+            "dtype": Choice("float16", "bfloat16"),
+            "max_nonfinite_steps": Range(1, kind=int, default=10, note=(
+                "float16 loss scaling skips a step whose loss is NaN or infinite; this many in a row stop "
+                "the run. Without a loss scaler (float32, bfloat16) the first one stops it"))},
     "train": {
         "accum_steps": Range(1, kind=int, default=1),
         "grad_clip": Optional(Range(0, low_open=True)),   # max global grad norm, or null for none

@@ -7,14 +7,15 @@ Layout of ``output_dir``:
     best_model.pdparams just the best weights (model or EMA, whichever won), for --load / export
     best_model.safetensors  the same weights as .safetensors (variant, img_size, epoch in its metadata)
 
-A checkpoint is a dict: model, optimizer (keyed by structured parameter names, so it does not
-depend on Paddle's internal tensor names), scaler, ema, epoch, batch (position in that epoch),
-global_step, best, sampler (what the position means: world_size, batch_size, seed, num_samples: the
-training set's size, global_batch: images per optimizer step), base_lr (the lr scaled to that global
-batch), rng (paddle, numpy, python), config, and in a mid-epoch checkpoint of several processes
-bn_by_rank (each rank's own BatchNorm statistics; its model holds their average). Checkpoints
-written before num_samples, global_batch and base_lr were recorded resume as before; only the checks
-those fields allow are skipped. ``training_state`` assembles it; ``restore_training_state`` puts it back.
+A checkpoint is a dict: model (float32 weights whatever the AMP level), optimizer (keyed by
+structured parameter names, so it does not depend on Paddle's internal tensor names or the AMP level),
+scaler, ema, epoch, batch (position in that epoch), global_step, best, sampler (what the position
+means: world_size, batch_size, seed, num_samples: the training set's size, global_batch: images per
+optimizer step), base_lr (the lr scaled to that global batch), rng (see rng_state), config, and in a
+mid-epoch checkpoint of several processes bn_by_rank (each rank's own BatchNorm statistics; its model
+holds their average). Checkpoints written before num_samples, global_batch and base_lr were recorded
+resume as before; only the checks those fields allow are skipped. ``training_state`` assembles it;
+``restore_training_state`` puts it back.
 """
 import contextlib
 import dataclasses
@@ -33,6 +34,7 @@ from passl.errors import CheckpointError, WriteError
 from passl.utils.fileio import atomic_path
 
 __all__ = ["atomic_save", "load_file", "CheckpointManager", "find_latest", "optimizer_state_by_names",
+           "float32_weights", "cast_like", "legacy_master_weights",
            "optimizer_state_from_names", "rng_state", "set_rng_state", "Progress",
            "training_state", "check_resumable", "check_mid_epoch_resume", "recorded_lr_scaling",
            "restore_training_state"]
@@ -158,37 +160,99 @@ def _save_safetensors(weights, path, state, epoch):
 # ---------------------------------------------------------------------------------------------
 # optimizer state by structured names
 
+# Under AMP O2 with master weights Paddle's optimizer keeps a float32 copy of every float16/bfloat16
+# parameter, named "<param>_fp32_master_0" (optimizer.py _create_master_weight and
+# _gen_master_weight_var_name; OptimizerStep's private name generator keeps the 0), and names that
+# parameter's accumulators after the copy: "<param>_fp32_master_0_moment1_0". Checkpoints store them
+# under the parameter's own suffix ("<structured name>/moment1_0"), so a state resumes at any AMP level.
+MASTER = "_fp32_master_0"
+_MASTER_SUFFIX = re.compile(r"^fp32_master_\d+_")
+
+
 def _internal_to_structured(model):
     return {p.name: n for n, p in model.named_parameters()}
 
 
 def optimizer_state_by_names(optimizer, model):
-    """``optimizer.state_dict()`` with Paddle's internal tensor names replaced by structured names."""
+    """``optimizer.state_dict()`` with Paddle's internal tensor names replaced by structured names and
+    accumulator suffixes that do not depend on the AMP level. The float32 master weights of AMP O2 are
+    left out: ``float32_weights`` puts them in the checkpoint's model weights."""
     mapping = _internal_to_structured(model)
     internal = sorted(mapping, key=len, reverse=True)
     out = {}
     for key, value in optimizer.state_dict().items():
         if key == "master_weights":
-            out[key] = {mapping.get(k, k): v for k, v in value.items()}
             continue
         owner = next((n for n in internal if key.startswith(n + "_")), None)
-        out[key if owner is None else mapping[owner] + SEP + key[len(owner) + 1:]] = value
+        if owner is None:
+            out[key] = value
+        else:
+            out[mapping[owner] + SEP + _MASTER_SUFFIX.sub("", key[len(owner) + 1:])] = value
     return out
 
 
-def optimizer_state_from_names(state, model):
-    """Inverse of ``optimizer_state_by_names`` for this process's ``model``."""
+def optimizer_state_from_names(state, model, masters=()):
+    """Inverse of ``optimizer_state_by_names`` for this process's ``model``; the parameters named in
+    ``masters`` (structured names) get the accumulator names of an O2 master weight."""
     mapping = {n: p.name for n, p in model.named_parameters()}
     out = {}
     for key, value in state.items():
-        if key == "master_weights":
-            out[key] = {mapping.get(k, k): v for k, v in value.items()}
+        if key == "master_weights":          # written by earlier versions: see legacy_master_weights
             continue
         name, sep, suffix = key.partition(SEP)
         if sep and name not in mapping:
             raise CheckpointError(f"optimizer state names parameter '{name}', which this model lacks; "
                                   "was the checkpoint written for another model config?")
-        out[mapping[name] + "_" + suffix if sep else key] = value
+        if not sep:
+            out[key] = value
+            continue
+        suffix = _MASTER_SUFFIX.sub("", suffix)
+        out[mapping[name] + (MASTER if name in masters else "") + "_" + suffix] = value
+    return out
+
+
+def legacy_master_weights(optimizer_state):
+    """{structured name: float32 tensor} of the master weights an older checkpoint kept in its optimizer
+    state (its model weights were then float16/bfloat16); {} for a checkpoint of this version."""
+    return dict(optimizer_state.get("master_weights") or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# weights in float32 whatever the AMP level
+
+_HALF = ("float16", "bfloat16")
+
+
+def _dtype_name(tensor):
+    return str(tensor.dtype).replace("paddle.", "")
+
+
+def float32_weights(model, optimizer=None):
+    """``model.state_dict()`` with every float16/bfloat16 entry in float32: the optimizer's float32
+    master weight where AMP O2 keeps one (``optimizer._master_weights``, {parameter name: tensor},
+    paddle/optimizer/optimizer.py ``_create_master_weight``), else the entry cast up. Under O1 or
+    without AMP the state dict itself (no copies)."""
+    masters = getattr(optimizer, "_master_weights", None) or {}
+    out = {}
+    for key, value in model.state_dict().items():
+        if _dtype_name(value) in _HALF:
+            master = masters.get(value.name)
+            value = master if master is not None else value.astype("float32")
+        out[key] = value
+    return out
+
+
+def cast_like(weights, targets):
+    """``weights`` with each floating entry cast to the dtype of the same key in ``targets`` (a state
+    dict): Paddle's ``set_state_dict`` refuses a dtype mismatch (float32 weights into an O2 model's
+    float16 parameters, or the float16 weights of an older O2 checkpoint into a float32 model)."""
+    out = {}
+    for key, value in weights.items():
+        target = targets.get(key)
+        if (target is not None and isinstance(value, paddle.Tensor) and paddle.is_floating_point(value)
+                and value.dtype != target.dtype):
+            value = value.astype(target.dtype)
+        out[key] = value
     return out
 
 
@@ -196,19 +260,52 @@ def optimizer_state_from_names(state, model):
 # random number generators
 
 def rng_state():
-    """Paddle (CPU and, if any, current GPU), NumPy and Python generator states."""
-    state = {"paddle": paddle.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        state["cuda"] = paddle.get_cuda_rng_state()
+    """The generators a process draws from: Paddle's CPU generator and, on a GPU, the generator of this
+    process's own device (not the list of every visible device ``paddle.get_rng_state()`` gives on a
+    GPU), NumPy's and Python's."""
+    state = {"paddle_cpu": paddle.get_rng_state("cpu")[0], "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    device = paddle.device.get_device()            # 'cpu' or 'gpu:3'
+    if device.startswith("gpu:"):
+        index = int(device.split(":")[1])
+        state["paddle_device"] = {"device": device, "state": paddle.get_rng_state("gpu")[index]}
     return state
 
 
-def set_rng_state(state):
-    paddle.set_rng_state(state["paddle"])
+def set_rng_state(state, log=None):
+    """Restore what ``rng_state`` saved where it means something here: NumPy, Python and Paddle's CPU
+    generator always; the device generator only on a GPU, into this process's device. Paddle's
+    ``set_rng_state`` raises when the list it gets has not one state per visible device
+    (paddle/framework/random.py, set_rng_state), so a checkpoint of 8 GPUs would not resume on 4, 1 or
+    the CPU; the model stream is reseeded at every step anyway (trainer.step_seed), so nothing depends on
+    the device generator's state across a resume. Older checkpoints (``paddle``: the list of the saving
+    process's current device, ``cuda``: every GPU's) give their CPU entry, or their own device's entry
+    when the device counts match. ``log`` hears what was not restored."""
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        paddle.set_cuda_rng_state(state["cuda"])
+    cpu, device = state.get("paddle_cpu"), state.get("paddle_device")
+    if "paddle_cpu" not in state:                  # the older layout
+        listed = list(state.get("paddle") or ())
+        cpu = listed[0] if len(listed) == 1 and "cuda" not in state else None
+        device = {"device": "gpu", "list": list(state.get("cuda") or ())} if "cuda" in state else None
+    if cpu is not None:
+        paddle.set_rng_state([cpu], "cpu")
+    here = paddle.device.get_device()
+    if device is None or not here.startswith("gpu:"):
+        return
+    index = int(here.split(":")[1])
+    states = paddle.get_rng_state("gpu")
+    if "list" in device:
+        if len(device["list"]) != len(states):
+            if log:
+                log(f"the checkpoint's GPU random state lists {len(device['list'])} devices and this process "
+                    f"sees {len(states)}: the GPU generator is not restored (the model stream is reseeded "
+                    "every step)")
+            return
+        states[index] = device["list"][index]
+    else:
+        states[index] = device["state"]
+    paddle.set_rng_state(states, "gpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +332,7 @@ def training_state(model, optimizer_step, ema, progress, cfg, world_size, classe
     processes and ``base_lr`` the lr scaled to it (a resume with another global batch logs both)."""
     scaler = optimizer_step.scaler
     return {
-        "model": model.state_dict(),
+        "model": float32_weights(model, optimizer_step.optimizer),
         "optimizer": optimizer_state_by_names(optimizer_step.optimizer, model),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "ema": ema.state_dict() if ema is not None else None,
@@ -295,21 +392,48 @@ def recorded_lr_scaling(ckpt):
     return global_batch, ckpt.get("base_lr")
 
 
-def restore_training_state(ckpt, path, model, optimizer_step, ema):
+def restore_training_state(ckpt, path, model, optimizer_step, ema, log=None):
     """Load a checked ``ckpt`` (see check_resumable) into the freshly built run; returns its Progress.
 
-    An EMA the checkpoint lacks starts from the restored model weights. The random generators are
-    restored last, so the run continues their streams exactly.
+    ``model`` and ``optimizer_step`` are as the run trains them: under AMP O2 already decorated
+    (float16/bfloat16 parameters, an optimizer with master weights). The checkpoint's float32 weights
+    are cast to each parameter's dtype and become the O2 master weights, so a checkpoint resumes at any
+    AMP level (O1, O2, off) whatever level wrote it. An EMA the checkpoint lacks starts from the restored
+    float32 weights. The random generators are restored last (see set_rng_state; ``log`` hears what is not).
     """
-    missing, unexpected = model.set_state_dict(ckpt["model"])
+    weights = dict(ckpt["model"])
+    weights.update(legacy_master_weights(ckpt["optimizer"]))
+    missing, unexpected = model.set_state_dict(cast_like(weights, model.state_dict()))
     if missing or unexpected:
         raise CheckpointError(f"{path}: model keys do not match the config's model: missing {missing}, "
                               f"unexpected {unexpected}")
-    optimizer_step.optimizer.set_state_dict(optimizer_state_from_names(ckpt["optimizer"], model))
+    optimizer = optimizer_step.optimizer
+    masters = _master_weights(optimizer, model, weights)
+    state = optimizer_state_from_names(ckpt["optimizer"], model, masters={n for n, _ in masters})
+    if masters:
+        state["master_weights"] = dict(masters_by_internal for _, masters_by_internal in masters)
+    optimizer.set_state_dict(state)
     if optimizer_step.scaler is not None and ckpt.get("scaler"):
         optimizer_step.scaler.load_state_dict(ckpt["scaler"])
     if ema is not None:
-        ema.set_state_dict(ckpt.get("ema") or model.state_dict())
+        ema.set_state_dict(ckpt.get("ema") or weights)
     if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], log)
     return Progress(**{k: ckpt.get(k) for k in ("epoch", "batch", "global_step", "best")})
+
+
+def _master_weights(optimizer, model, weights):
+    """[(structured name, (parameter name, float32 tensor))] for the parameters an O2 optimizer keeps a
+    master weight of (float16/bfloat16 parameters of a multi-precision optimizer, adamw.py
+    _create_accumulators). Set before the first step, ``_create_master_weight`` uses them instead of
+    casting the half-precision parameter up (optimizer.py: ``if param.name in self._master_weights``),
+    so the run continues from the exact float32 weights."""
+    if not getattr(optimizer, "_multi_precision", False):
+        return []
+    out = []
+    for name, param in model.named_parameters():
+        if _dtype_name(param) in _HALF:
+            master = paddle.to_tensor(weights[name], dtype="float32")    # a copy on this device
+            master.name = param.name + MASTER
+            out.append((name, (param.name, master)))
+    return out

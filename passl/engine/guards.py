@@ -121,11 +121,13 @@ def check_disk(output_dir, model, with_ema, keep_last=3, main=True):
 
 
 class NonFiniteLoss(Exception):
-    """The loss of some rank was NaN or infinite; ``step`` is the first such global step."""
+    """The run stops on non-finite losses: ``step`` is the global step of the first one, or, with a loss
+    scaler that skips such steps, of the last of ``consecutive`` in a row."""
 
-    def __init__(self, step):
-        super().__init__(f"non-finite loss at global step {step}")
-        self.step = step
+    def __init__(self, step, consecutive=1):
+        what = f"{consecutive} consecutive non-finite losses" if consecutive > 1 else "non-finite loss"
+        super().__init__(f"{what} at global step {step}")
+        self.step, self.consecutive = step, consecutive
 
 
 class Interrupted(Exception):
@@ -133,20 +135,55 @@ class Interrupted(Exception):
 
 
 class RunFlags:
-    """The first non-finite loss (on the device) and the stop request (set by a signal handler)."""
+    """Non-finite losses and skipped steps (counted on the device) and the stop request (set by a signal
+    handler).
 
-    def __init__(self):
+    ``max_nonfinite``: 1 without a loss scaler, where the first non-finite loss stops the run (its update
+    has already spoiled the weights). With a float16 GradScaler, which skips the update of a step whose
+    gradients are not finite, a step with a non-finite loss is skipped and counted, and only
+    ``max_nonfinite`` of them in a row stop the run (``amp.max_nonfinite_steps``).
+
+    ``sync`` reads the flags once per log interval; it sets ``skipped`` (steps the scaler skipped in this
+    process's run so far), ``skipped_in_interval`` (since the previous sync) and ``skipped_in_epoch``
+    (since ``new_epoch``).
+    """
+
+    def __init__(self, max_nonfinite=1):
+        self.max_nonfinite = int(max_nonfinite)
         self.stop_requested = False
-        self._first_bad_step = paddle.full([], _NO_BAD_STEP, dtype="int64")
+        self._stop_step = paddle.full([], _NO_BAD_STEP, dtype="int64")
+        self._step_bad = None                                   # a non-finite loss in the current step
+        self._in_a_row = paddle.zeros([], dtype="int64")        # steps with non-finite losses in a row
+        self._skipped = paddle.zeros([], dtype="int64")
+        self.skipped = self.skipped_in_interval = self.skipped_in_epoch = 0
 
     def request_stop(self):
         self.stop_requested = True
 
     def watch(self, loss, step):
-        """Remember ``step`` if ``loss`` (0-d) is not finite; device ops only, no host sync."""
-        finite = paddle.isfinite(loss.astype("float32")).reshape([])
-        self._first_bad_step = paddle.where(finite, self._first_bad_step,
-                                            paddle.minimum(self._first_bad_step, paddle.full([], step, "int64")))
+        """Note a non-finite ``loss`` (0-d) of a micro-batch of global ``step``; device ops only, no host sync."""
+        bad = paddle.logical_not(paddle.isfinite(loss.astype("float32")).reshape([]))
+        if self.max_nonfinite == 1:
+            self._stop_step = paddle.where(bad, paddle.minimum(self._stop_step, paddle.full([], step, "int64")),
+                                           self._stop_step)
+        else:
+            self._step_bad = bad if self._step_bad is None else paddle.logical_or(self._step_bad, bad)
+
+    def end_step(self, step, skipped=None):
+        """Close optimizer step ``step``: ``skipped`` is the scaler's device flag (step.found_inf) or None.
+        Device ops only."""
+        if skipped is not None:
+            self._skipped = self._skipped + skipped.astype("int64").sum()
+        if self._step_bad is None:
+            return
+        self._in_a_row = paddle.where(self._step_bad, self._in_a_row + 1, paddle.zeros_like(self._in_a_row))
+        reached = self._in_a_row >= self.max_nonfinite
+        self._stop_step = paddle.where(reached, paddle.minimum(self._stop_step, paddle.full([], step, "int64")),
+                                       self._stop_step)
+        self._step_bad = None
+
+    def new_epoch(self):
+        self.skipped_in_epoch = 0
 
     def stop_now(self):
         """True when a stop can act at once: a single process has no peers to agree with."""
@@ -154,11 +191,16 @@ class RunFlags:
 
     def sync(self):
         """One host sync, all-reduced over ranks. Raises NonFiniteLoss when any rank saw a non-finite
-        loss; returns whether any rank asked to stop."""
-        flags = paddle.stack([self._first_bad_step, paddle.full([], -int(self.stop_requested), "int64")])
-        bad, stop = (int(v) for v in du.all_reduce(flags, "min").numpy())
+        loss (``max_nonfinite`` in a row); returns whether any rank asked to stop."""
+        flags = paddle.stack([self._stop_step, paddle.full([], -int(self.stop_requested), "int64"),
+                              -self._skipped])
+        bad, stop, skipped = (int(v) for v in du.all_reduce(flags, "min").numpy())
+        skipped = -skipped          # every rank skips the same steps: their gradients are all-reduced
+        self.skipped_in_interval = skipped - self.skipped
+        self.skipped_in_epoch += self.skipped_in_interval
+        self.skipped = skipped
         if bad != _NO_BAD_STEP:
-            raise NonFiniteLoss(bad)
+            raise NonFiniteLoss(bad, self.max_nonfinite)
         return stop < 0
 
     def agree_to_stop(self):
@@ -169,12 +211,15 @@ class RunFlags:
         return self.stop_requested
 
 
-def nonfinite_message(step, epoch, output_dir):
-    """What the user sees when the loss of global ``step`` in ``epoch`` (0-based) is not finite."""
+def nonfinite_message(step, epoch, output_dir, consecutive=1):
+    """What the user sees when the loss of global ``step`` in ``epoch`` (0-based) is not finite, or the
+    last of ``consecutive`` non-finite losses in a row that the loss scaler skipped."""
     kept = os.path.join(output_dir, "latest.pdckpt")
     kept = kept if os.path.exists(kept) else "none yet"
-    return (f"error: the loss became NaN or infinite at global step {step} (epoch {epoch + 1}); "
-            f"stopping without saving. Last good checkpoint: {kept}. Lower the lr, set "
+    what = (f"the loss was NaN or infinite in {consecutive} consecutive steps up to global step {step} "
+            f"(epoch {epoch + 1}; the loss scaler skipped their updates)" if consecutive > 1 else
+            f"the loss became NaN or infinite at global step {step} (epoch {epoch + 1})")
+    return (f"error: {what}; stopping without saving. Last good checkpoint: {kept}. Lower the lr, set "
             "train.grad_clip, or check the data, then --resume.")
 
 

@@ -147,12 +147,14 @@ def progress_bar(total, desc, enabled=True, initial=0):
 
 
 def format_step_line(epoch, epochs, step_in_epoch, steps_per_epoch, global_step, lr, means, samples_per_s,
-                     data_wait, eta_seconds):
+                     data_wait, eta_seconds, skipped=0):
     """The line logged every log interval. ``epoch`` 0-based; ``means`` {loss name: float}, 'loss'
-    first; ``data_wait`` the fraction of the interval spent waiting for batches."""
+    first; ``data_wait`` the fraction of the interval spent waiting for batches; ``skipped`` the steps
+    of the interval the loss scaler skipped (shown when there are any)."""
     terms = "  ".join(f"{k} {means[k]:.4f}" for k in sorted(means, key=lambda k: (k != "loss", k)))
+    skips = f"  skipped {skipped} step(s): non-finite" if skipped else ""
     return (f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_per_epoch} (global {global_step})  "
-            f"lr {lr:.3e}  {terms}  {samples_per_s:.1f} samples/s  data wait {data_wait:.0%}  "
+            f"lr {lr:.3e}  {terms}{skips}  {samples_per_s:.1f} samples/s  data wait {data_wait:.0%}  "
             f"eta {format_eta(eta_seconds)}")
 
 
@@ -210,23 +212,26 @@ class EpochReport:
         if self.bar is not None:
             self.bar.update(1)
 
-    def log_interval(self, step_in_epoch, global_step, lr):
+    def log_interval(self, step_in_epoch, global_step, lr, skipped=0):
         """Log the mean losses of all processes since the last call (one all-reduce and device->host
-        copy; every process calls this) and restart the interval."""
+        copy; every process calls this) and restart the interval; ``skipped``: optimizer steps of the
+        interval the loss scaler skipped."""
         means = self.interval.means()
         seconds = max(time.time() - self.started, 1e-9)
         if self.main and self.steps:
             # steps left from this epoch's position: global_step may count steps of another global batch (resume)
             eta = ((self.epochs - self.epoch) * self.steps_per_epoch - step_in_epoch) * seconds / self.steps
             line = format_step_line(self.epoch, self.epochs, step_in_epoch, self.steps_per_epoch, global_step, lr,
-                                    means, self.global_batch * self.steps / seconds, self.data_wait / seconds, eta)
+                                    means, self.global_batch * self.steps / seconds, self.data_wait / seconds, eta,
+                                    skipped)
             if self.bar is not None:
                 self.bar.set_postfix_str(f"loss {means.get('loss', float('nan')):.4f} lr {lr:.2e}")
                 self.bar.write(line)
                 _file_only(self.log, line)
             else:
                 self.log.info(line)
-            self.metrics.scalars({**means, "lr": lr}, global_step)
+            self.metrics.scalars({**means, "lr": lr, **({"skipped_steps": skipped} if skipped else {})},
+                                 global_step)
         self._restart()
 
     def epoch_loss(self):

@@ -26,7 +26,7 @@ from passl.engine.ema import ModelEma
 from passl.engine.guards import RunFlags, check_disk
 from passl.engine.logging import MetricsWriter, setup_logger
 from passl.engine.optim import build_lr_schedule, build_optimizer, epoch_progress
-from passl.engine.step import OptimizerStep
+from passl.engine.step import NormStatistics, OptimizerStep
 from passl.errors import ConfigError
 from passl.utils import distributed as du
 from passl.utils.fileio import ensure_writable_dir
@@ -160,7 +160,7 @@ def build_run(session, load=None, resume=None):
         _load_weights(model, load, cfg["train"]["reinit_head"], log.info)
     if cfg["model"].get("sync_bn"):      # before the EMA copies the model
         model = du.convert_sync_batchnorm(model, session.device, log=log.info)
-    amp = resolve_amp(cfg["amp"], session.device, log=log.info)
+    amp = resolve_amp(cfg["amp"], session.device, log=log.info, warn=log.warning if session.main else None)
     ema = ModelEma(model, cfg["ema"]["decay"]) if cfg["ema"]["enable"] else None   # from the starting weights
     accum = cfg["train"]["accum_steps"]
     global_batch = cfg["data"]["train"]["batch_size"] * session.world_size * accum
@@ -173,20 +173,23 @@ def build_run(session, load=None, resume=None):
                           f"{accum} accumulation; lower data.train.batch_size or train.accum_steps")
     schedule = build_lr_schedule(cfg["lr_schedule"], base_lr, cfg["epochs"])
     optimizer_step = OptimizerStep(optimizer, amp.scaler, accum)
+    if amp.scaler is not None:           # a skipped step leaves the BN statistics as they were
+        optimizer_step.norm_statistics = NormStatistics(model)
+    model, optimizer_step.optimizer = amp.decorate(model, optimizer)
     progress = Progress()
-    if ckpt is not None:
+    if ckpt is not None:      # into the decorated model and optimizer: see restore_training_state
         warning = check_mid_epoch_resume(ckpt, resume, len(train_loader.dataset), global_batch)
         if warning:
             log.warning(warning)
-        progress = restore_training_state(ckpt, resume, model, optimizer_step, ema)
+        progress = restore_training_state(ckpt, resume, model, optimizer_step, ema, log=log.warning)
         log.info(f"resumed {resume}: epoch {progress.epoch} batch {progress.batch} step {progress.global_step}")
         _log_lr_scaling(ckpt, global_batch, base_lr, progress, steps_per_epoch, log.info)
-    model, optimizer_step.optimizer = amp.decorate(model, optimizer)
     run = Run(
         session=session, model=paddle.DataParallel(model) if session.world_size > 1 else model, raw_model=model,
         loss_fn=passl.build_loss(cfg["loss"]), optimizer_step=optimizer_step, schedule=schedule, ema=ema, amp=amp,
         train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
-        global_batch=global_batch, progress=progress, flags=RunFlags(),
+        global_batch=global_batch, progress=progress,
+        flags=RunFlags(cfg["amp"]["max_nonfinite_steps"] if amp.scaler is not None else 1),
         checkpoints=CheckpointManager(session.output_dir, cfg["train"]["keep_last"]),
         metrics=MetricsWriter(session.output_dir, enabled=session.main))
     if ckpt is not None:      # after DataParallel, which gives every rank rank 0's buffers

@@ -20,6 +20,7 @@ import numpy as np
 import paddle
 
 from passl.engine.amp import resolve_amp
+from passl.engine.checkpoint import float32_weights
 from passl.engine.evaluate import evaluate, pick_best
 from passl.engine.guards import (Interrupted, NonFiniteLoss, claim_output_dir, explain_failure, nonfinite_message,
                                  stop_on_signals)
@@ -74,7 +75,7 @@ def fit(run):
                 run.log.warning(f"stopped after epoch {progress.epoch}; continue with --resume")
                 return EXIT_INTERRUPTED
     except NonFiniteLoss as e:
-        run.log.error(nonfinite_message(e.step, progress.epoch, run.session.output_dir))
+        run.log.error(nonfinite_message(e.step, progress.epoch, run.session.output_dir, e.consecutive))
         return EXIT_FAILED
     except Interrupted:
         per_rank = _settle_bn_statistics(run, keep_per_rank=True)   # a collective: on every rank
@@ -104,6 +105,7 @@ def train_one_epoch(run):
     progress, accum = run.progress, run.optimizer_step.accum_steps
     n_batches = run.steps_per_epoch * accum
     run.train_loader.set_epoch(progress.epoch, progress.batch)
+    run.flags.new_epoch()
     run.model.train()
     with EpochReport(run.log, run.metrics, run.session.main, progress.epoch, run.cfg["epochs"],
                      run.steps_per_epoch, run.global_batch, start_step=progress.batch // accum) as report:
@@ -119,13 +121,15 @@ def train_one_epoch(run):
             report.add(losses)
             if not update:
                 continue
+            run.flags.end_step(progress.global_step, run.optimizer_step.skipped)
             progress.global_step, progress.batch = progress.global_step + 1, batch_index + 1
             report.step_done()
             at_end = progress.batch == n_batches
             if progress.global_step % run.cfg["train"]["log_interval"] == 0 or at_end or run.flags.stop_now():
                 stop = run.flags.sync()
                 report.log_interval(progress.batch // accum, progress.global_step,
-                                    lr=run.lr(progress.epoch, progress.batch // accum - 1))
+                                    lr=run.lr(progress.epoch, progress.batch // accum - 1),
+                                    skipped=run.flags.skipped_in_interval)
                 if stop and not at_end:
                     raise Interrupted()
         return report.epoch_loss()
@@ -134,15 +138,19 @@ def train_one_epoch(run):
 def train_step(run, batch, update):
     """Forward and backward one micro-batch; when ``update``, step the optimizer with the scheduled
     lr and fold the new weights into the EMA. Returns {loss name: 0-d tensor}, still on the device."""
+    norms = run.optimizer_step.norm_statistics     # set when a loss scaler may skip this step
     with run.optimizer_step.accumulating(run.model, update):
+        saved = norms.save() if norms is not None else None
         with run.amp.autocast():
             losses = run.loss_fn(run.model(batch["image"]), batch)
+        if norms is not None:
+            norms.keep_if_finite(saved, losses["loss"])
         run.optimizer_step.backward(losses["loss"])
     if update:
         progress = run.progress    # progress.batch: the micro-batches before this step's
         run.optimizer_step.step(run.lr(progress.epoch, progress.batch // run.optimizer_step.accum_steps))
         if run.ema is not None:
-            run.ema.update(run.model)
+            run.ema.update(run.model, run.optimizer_step.optimizer)   # O2: its float32 master weights
     return losses
 
 
@@ -160,6 +168,8 @@ def end_epoch(run, train_loss, wall_time):
     _settle_bn_statistics(run)     # every rank evaluates, and the checkpoint keeps, the same model
     record = {"epoch": progress.epoch, "train_loss": train_loss,
               "lr": run.lr(progress.epoch - 1, run.steps_per_epoch - 1)}    # the lr of the epoch's last step
+    if run.optimizer_step.scaler is not None:        # steps the loss scaler skipped (non-finite gradients)
+        record["skipped_steps"] = run.flags.skipped_in_epoch
     best_weights = None
     if run.val_loader is not None and (progress.epoch % run.cfg["train"]["eval_interval"] == 0
                                        or progress.epoch == epochs):
@@ -172,7 +182,8 @@ def end_epoch(run, train_loss, wall_time):
                                 f"was kept by '{progress.best.get('rule', 'better')}', so epoch {progress.epoch} "
                                 "becomes the best")
             progress.best = new_best
-            best_weights = (run.ema if new_best["which"] == "ema" else run.raw_model).state_dict()
+            best_weights = (run.ema.state_dict() if new_best["which"] == "ema"
+                            else float32_weights(run.raw_model, run.optimizer_step.optimizer))
     record["wall_time"] = round(wall_time, 3)
     if run.session.main:
         path = run.checkpoints.save_epoch(run.state(), progress.epoch, best_weights is not None, best_weights)
@@ -202,8 +213,9 @@ def _evaluate_epoch(run, record):
     """Evaluate the model and its EMA; add val_/ema_ top1 and top5 to ``record``; return their top-1."""
     top1 = {}
     for which, prefix, model in (("model", "val", run.model), ("ema", "ema", run.ema and run.ema.module)):
-        if model is not None:
-            result = evaluate(model, run.val_loader, run.amp.autocast)
+        if model is not None:     # the float32 EMA under O1 autocast even in an O2 run: not cast down whole
+            autocast = run.amp.autocast if which == "model" else run.amp.float32_weights_autocast
+            result = evaluate(model, run.val_loader, autocast)
             record.update({f"{prefix}_top1": result["top1"], f"{prefix}_top5": result["top5"]})
             top1[which] = result["top1"]
     return top1
@@ -241,10 +253,11 @@ def evaluate_only(cfg, weights):
         raise ConfigError("--evaluate-only needs data.val.dataset in the config")
     _check_eval_classes(val_loader.dataset.source, model.num_classes, weights,
                         None if report["reinitialized"] else report["classes"])
-    amp = resolve_amp(cfg["amp"], session.device, log=session.log.info)
+    amp = resolve_amp(cfg["amp"], session.device, log=session.log.info,
+                      warn=session.log.warning if session.main else None)
     started = time.time()
     bar = progress_bar(len(val_loader), "eval", session.main)
-    result = evaluate(model, val_loader, amp.autocast, bar)
+    result = evaluate(model, val_loader, amp.float32_weights_autocast, bar)   # the weights stay float32
     if bar is not None:
         bar.close()
     result.update(weights=os.path.abspath(weights), which=which, seconds=round(time.time() - started, 2))

@@ -1,6 +1,8 @@
 """CPU settings: the math-library environment set before paddle is imported (configure_cpu_threads,
 called by passl.utils.runtime.configure_process) and the runtime settings made once the run is known
-to be on the CPU (configure_cpu_runtime, called by passl.utils.distributed.select_device).
+to be on the CPU (configure_cpu_runtime) or on a GPU (configure_gpu_threads: Paddle's default of one
+math thread per process and loader worker), both called by passl.utils.distributed.select_device.
+Only a CPU run keeps every core.
 
 Paddle's CPU build runs matrix products on one thread unless OMP_NUM_THREADS says otherwise, and
 its bundled MKL takes a slow generic code path on AMD processors unless MKL_DEBUG_CPU_TYPE names the
@@ -83,7 +85,31 @@ def configure_cpu_threads(environ=None):
         if key not in environ:
             environ[key] = value
             applied[key] = value
+    if environ is os.environ:
+        _SET_HERE.update(applied)
     return applied
+
+
+_SET_HERE = {}      # what configure_cpu_threads set in this process's environment (not the user's values)
+GPU_RUN_THREADS = 1
+
+
+def configure_gpu_threads(environ=None, set_num_threads=None):
+    """Threads for a GPU run, once the device is known: the math-library threads go back to Paddle's own
+    default of 1 (paddle/base/__init__.py:152-166 sets OMP_NUM_THREADS=1 when unset and warns about
+    more), in this process (``paddle.base.core.set_num_threads``) and in the loader workers it starts,
+    which inherit the environment. configure_cpu_threads gave every core to the process before the device
+    was known; on a GPU node that is 8 ranks x (1 + 8 workers) x all cores of threads competing for the
+    cores the loader workers need. An OMP_NUM_THREADS the user set is kept. Returns what it changed."""
+    environ = os.environ if environ is None else environ
+    if environ is os.environ and "OMP_NUM_THREADS" not in _SET_HERE:
+        return {}
+    environ["OMP_NUM_THREADS"] = str(GPU_RUN_THREADS)
+    if set_num_threads is None:
+        from paddle.base import core
+        set_num_threads = core.set_num_threads
+    set_num_threads(GPU_RUN_THREADS)
+    return {"OMP_NUM_THREADS": str(GPU_RUN_THREADS)}
 
 
 STRIDE_FLAG = "FLAGS_use_stride_kernel"

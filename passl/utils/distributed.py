@@ -3,7 +3,7 @@ import math
 import os
 
 from passl.errors import ConfigError
-from passl.utils.cpu_threads import configure_cpu_runtime
+from passl.utils.cpu_threads import configure_cpu_runtime, configure_gpu_threads
 
 
 def cuda_available():
@@ -21,7 +21,8 @@ def select_device(name="auto", log=print):
                           "visible; install paddlepaddle-gpu or set -o device=cpu")
     use_gpu = name == "gpu" or (name == "auto" and cuda_available())
     if use_gpu:
-        paddle.set_device(f"gpu:{local_rank()}")
+        paddle.set_device(f"gpu:{device_id()}")
+        configure_gpu_threads()
         return "gpu"
     paddle.set_device("cpu")
     configure_cpu_runtime()
@@ -41,7 +42,17 @@ def rank():
 
 
 def local_rank():
-    return int(os.environ.get("PADDLE_LOCAL_RANK", os.environ.get("FLAGS_selected_gpus", "0").split(",")[0] or 0))
+    """This process's index among the processes of its machine (0 without the launcher)."""
+    return int(os.environ.get("PADDLE_LOCAL_RANK", "0"))
+
+
+def device_id():
+    """The GPU of this process as Paddle's parallel environment has it: ``paddle.distributed.launch
+    --gpus 4,5,6,7`` gives each rank its device in FLAGS_selected_gpus
+    (paddle/distributed/launch/controllers/collective.py:250-256), which ParallelEnv reads
+    (paddle/distributed/parallel.py:759-761); the local rank would pick GPUs 0-3 instead."""
+    import paddle.distributed as dist
+    return dist.ParallelEnv().device_id
 
 
 def init_distributed():

@@ -99,3 +99,11 @@ def test_bench_cpu_fast_tiny(tmp_path):
         assert positive(row["plain"]["cpu_ms"]) and positive(row["fast"]["wall_ms"]) and row["plain"]["calls"] >= 2
     dense = rows["dense_loss"]
     assert dense["plain"]["loss"] == pytest.approx(dense["fast"]["loss"], rel=1e-5) and dense["max_abs_grad_diff"] < 1e-5
+
+
+def test_bench_ema_tiny(tmp_path):
+    result = run_script("bench_ema.py", *TINY_MODEL, "--rounds", "2", "--repeats", "2", tmp_path=tmp_path)
+    assert result["benchmark"] == "ema" and result["tensors"] > 0
+    for version in ("loop", "flat"):
+        assert positive(result["rows"][version]["cpu_ms"]) and result["rows"][version]["updates"] == 4
+    assert result["rows"]["flat"]["kernels"] <= 4 < result["tensors"] <= result["rows"]["loop"]["kernels"]

@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 
+import numpy as np
 import paddle
 import pytest
 
@@ -192,3 +193,31 @@ def test_explain_failure_logs_only_with_several_processes(monkeypatch, caplog):
                 raise lost
         assert str(caught.value) == failure_message(lost, 1, 2) and caught.value.__cause__ is None
         assert len(caplog.records) == 1
+
+
+def _step(flags, step, loss, skipped):
+    flags.watch(paddle.to_tensor(loss), step)
+    flags.end_step(step, paddle.to_tensor([skipped]))
+
+
+def test_with_a_loss_scaler_only_consecutive_non_finite_losses_stop_the_run():
+    flags = RunFlags(max_nonfinite=3)
+    for step, loss in enumerate([1.0, float("nan"), float("nan"), 2.0, float("inf")]):
+        _step(flags, step, loss, not np.isfinite(loss))
+    assert flags.sync() is False                     # never 3 in a row
+    assert (flags.skipped, flags.skipped_in_interval, flags.skipped_in_epoch) == (3, 3, 3)
+    _step(flags, 5, 1.0, True)                       # gradient overflow with a finite loss: skipped, no streak
+    assert flags.sync() is False and (flags.skipped, flags.skipped_in_interval, flags.skipped_in_epoch) == (4, 1, 4)
+    flags.new_epoch()
+    for step in (6, 7, 8, 9):
+        _step(flags, step, float("nan"), True)
+    with pytest.raises(NonFiniteLoss) as caught:
+        flags.sync()
+    assert (caught.value.step, caught.value.consecutive) == (8, 3)   # the third in a row
+    assert flags.skipped_in_epoch == 4
+
+
+def test_a_nonfinite_streak_is_named_in_the_message(tmp_path):
+    text = nonfinite_message(8, 2, str(tmp_path), consecutive=3)
+    assert "NaN or infinite in 3 consecutive steps up to global step 8 (epoch 3" in text
+    assert "Last good checkpoint: none yet" in text

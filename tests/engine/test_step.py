@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import paddle
+import pytest
 
 from passl.engine.step import OptimizerStep
 
@@ -103,3 +104,58 @@ def test_data_parallel_skips_the_gradient_sync_until_the_update():
         assert wrapped.grad_need_sync is False
     with step.accumulating(wrapped, update=True):
         assert wrapped.grad_need_sync is True
+
+
+def test_a_step_the_scaler_skips_leaves_the_weights_and_says_so_on_the_device():
+    from amp_helpers import SkippingScaler
+    model = _linear()
+    step = OptimizerStep(paddle.optimizer.AdamW(learning_rate=0.1, parameters=model.parameters()), SkippingScaler())
+    assert step.skipped is None
+    before = model.weight.numpy().copy()
+    step.backward(_loss(model, paddle.ones([2, 3])) * float("nan"))
+    step.step(0.1)
+    assert isinstance(step.skipped, paddle.Tensor) and step.skipped.numpy().tolist() == [True]
+    np.testing.assert_array_equal(model.weight.numpy(), before)
+    step.backward(_loss(model, paddle.ones([2, 3])))
+    step.step(0.1)
+    assert step.skipped.numpy().tolist() == [False] and not np.array_equal(model.weight.numpy(), before)
+
+
+def test_a_forward_with_a_non_finite_loss_leaves_the_bn_statistics_as_they_were():
+    from passl.engine.step import NormStatistics
+    paddle.seed(4)
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Flatten())
+    model.train()
+    norms = NormStatistics(model)
+    assert len(norms.tensors) == 2
+    start = [t.numpy().copy() for t in norms.tensors]
+    image = paddle.rand([2, 3, 6, 6])
+    saved = norms.save()
+    bad = model(image * float("inf")).mean()
+    norms.keep_if_finite(saved, bad)
+    assert not np.isfinite(bad.numpy())
+    for tensor, before in zip(norms.tensors, start):
+        np.testing.assert_array_equal(tensor.numpy(), before)
+    saved = norms.save()
+    good = model(image).mean()
+    norms.keep_if_finite(saved, good)
+    assert all(np.isfinite(t.numpy()).all() and not np.array_equal(t.numpy(), b) for t, b in zip(norms.tensors, start))
+
+
+HAS_GPU = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="paddle.amp.GradScaler only scales and skips on a CUDA device")
+def test_the_real_grad_scaler_reports_a_skipped_step():
+    paddle.set_device("gpu")
+    model = _linear()
+    step = OptimizerStep(paddle.optimizer.AdamW(learning_rate=0.1, parameters=model.parameters()),
+                         paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16))
+    before = model.weight.numpy().copy()
+    with paddle.amp.auto_cast():
+        loss = _loss(model, paddle.ones([2, 3])) * float("inf")
+    step.backward(loss)
+    step.step(0.1)
+    assert step.skipped.numpy().tolist() == [True]
+    np.testing.assert_array_equal(model.weight.numpy(), before)

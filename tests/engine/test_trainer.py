@@ -268,3 +268,58 @@ def test_a_mid_epoch_resume_on_another_training_set_is_refused(tmp_path, image_d
         _run(cfg_path, resume="auto")
     os.remove(grown / "class_0" / "img_9.png")
     assert _run(cfg_path, resume="auto") == 0
+
+
+def _nan_at(calls_with_nan, monkeypatch):
+    """Make the loss of the given micro-batches (1-based call counts) NaN."""
+    build_loss = passl.build_loss
+
+    def build_loss_with_nan(cfg):
+        real, calls = build_loss(cfg), [0]
+
+        def loss_fn(outputs, batch):
+            out = real(outputs, batch)
+            calls[0] += 1
+            if calls[0] in calls_with_nan:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        return loss_fn
+    monkeypatch.setattr(passl, "build_loss", build_loss_with_nan)
+
+
+def _with_scaler(monkeypatch):
+    """float16 loss scaling as on a GPU: the run's AmpSettings get a scaler that skips non-finite steps."""
+    from amp_helpers import SkippingScaler
+    from passl.engine import setup
+    real = setup.resolve_amp
+
+    def resolve_amp(amp_cfg, device, **kwargs):
+        amp = real(amp_cfg, device, **kwargs)
+        amp.scaler = SkippingScaler()
+        return amp
+    monkeypatch.setattr(setup, "resolve_amp", resolve_amp)
+
+
+def test_under_a_loss_scaler_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, image_data, monkeypatch,
+                                                                             capsys):
+    train_root, val_root = image_data
+    _nan_at({5}, monkeypatch)                        # global step 4: epoch 2, second batch
+    _with_scaler(monkeypatch)
+    out = tmp_path / "out"
+    assert _run(tiny_config(tmp_path, train_root, val_root, epochs=3)) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 1 step(s): non-finite" in printed and "error" not in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 0]
+    latest = load_file(str(out / "latest.pdckpt"))
+    assert latest["global_step"] == 9 and all(np.isfinite(v.numpy()).all() for v in latest["model"].values())
+
+
+def test_under_a_loss_scaler_consecutive_non_finite_steps_stop_the_run(tmp_path, image_data, monkeypatch, capsys):
+    train_root, val_root = image_data
+    _nan_at({5, 6}, monkeypatch)                     # global steps 4 and 5
+    _with_scaler(monkeypatch)
+    out = tmp_path / "out"
+    assert _run(tiny_config(tmp_path, train_root, val_root, epochs=3, amp={"max_nonfinite_steps": 2})) == 1
+    assert "NaN or infinite in 2 consecutive steps up to global step 5" in capsys.readouterr().out
+    assert load_file(str(out / "latest.pdckpt"))["global_step"] == 3      # the last good checkpoint, kept

@@ -137,3 +137,53 @@ def test_freed_memory_is_reused_without_page_faults(repo_root):
         return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     assert faults(False) > 10000
     assert faults(True) < 1000
+
+
+class DeviceCalls:
+    """select_device on a machine whose Paddle sees ``gpus`` GPUs (mocked: this build has none), with
+    paddle.set_device and the math-library thread setter recorded instead of applied."""
+
+    def __init__(self, monkeypatch, gpus):
+        import paddle
+        from paddle.base import core
+
+        from passl.utils import distributed
+        self.devices, self.threads = [], []
+        monkeypatch.setattr(distributed, "cuda_available", lambda: gpus > 0)
+        monkeypatch.setattr(core, "is_compiled_with_cuda", lambda: gpus > 0)   # what ParallelEnv asks
+        monkeypatch.setattr(paddle, "set_device", self.devices.append)
+        monkeypatch.setattr(core, "set_num_threads", self.threads.append)
+        monkeypatch.setattr(cpu_threads, "configure_cpu_runtime", lambda environ=None: [])
+        monkeypatch.setattr(distributed, "configure_cpu_runtime", lambda environ=None: [])
+        self.select = distributed.select_device
+
+
+def test_threads_differ_by_device(monkeypatch):
+    """All cores for a CPU run; Paddle's default of one math thread per process (and per loader worker,
+    through the environment they inherit) for a GPU run, when the all-cores value was ours."""
+    cores = str(cpu_threads.available_cores())
+    monkeypatch.setenv("OMP_NUM_THREADS", cores)
+    monkeypatch.setattr(cpu_threads, "_SET_HERE", {"OMP_NUM_THREADS": cores})
+    calls = DeviceCalls(monkeypatch, gpus=0)
+    assert calls.select("auto", log=None) == "cpu"
+    assert os.environ["OMP_NUM_THREADS"] == cores and calls.threads == [] and calls.devices == ["cpu"]
+    calls = DeviceCalls(monkeypatch, gpus=8)
+    assert calls.select("auto", log=None) == "gpu"
+    assert os.environ["OMP_NUM_THREADS"] == "1" and calls.threads == [1]
+
+
+def test_a_gpu_run_keeps_the_users_thread_count(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    monkeypatch.setattr(cpu_threads, "_SET_HERE", {})       # the user's value, not configure_cpu_threads'
+    calls = DeviceCalls(monkeypatch, gpus=8)
+    calls.select("gpu", log=None)
+    assert os.environ["OMP_NUM_THREADS"] == "6" and calls.threads == []
+
+
+def test_the_gpu_of_a_rank_is_the_one_the_launcher_selected(monkeypatch):
+    """launch --gpus 4,5,6,7 runs rank 1 with PADDLE_LOCAL_RANK=1 and FLAGS_selected_gpus=5."""
+    monkeypatch.setenv("PADDLE_LOCAL_RANK", "1")
+    monkeypatch.setenv("FLAGS_selected_gpus", "5")
+    calls = DeviceCalls(monkeypatch, gpus=8)
+    calls.select("gpu", log=None)
+    assert calls.devices == ["gpu:5"]
