@@ -6,14 +6,19 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
-from paddle.nn.functional import sdpa
 
 from passl.models.layers import Attention
 from passl.models.volo import ClassAttention
 
 
+def _sdpa():
+    """Paddle's kernel selection module (paddle/nn/functional/sdpa.py; Paddle 3.0 has none)."""
+    return pytest.importorskip("paddle.nn.functional.sdpa", reason="this Paddle has no sdpa kernel selector")
+
+
 def _record_selection(monkeypatch):
     """Wrap Paddle's backend selector: returns the list of (SDPParams, chosen backend) it saw."""
+    sdpa = _sdpa()
     seen = []
     select = sdpa.select_sdp_for_sdpa
 
@@ -66,6 +71,7 @@ def test_no_explicit_scale_reaches_paddle(monkeypatch):
 
 def _flash_allowed(param, dtype, monkeypatch):
     """Would Paddle 3.3.1's selector take flash attention for ``param`` in ``dtype`` on a capable GPU?"""
+    sdpa = _sdpa()
     monkeypatch.setattr(sdpa, "check_all_tensors_on_device", lambda p: True)
     monkeypatch.setattr(sdpa, "check_flash_attention_hardware_support", lambda device_id: True)
     if not sdpa._config:
