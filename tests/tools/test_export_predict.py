@@ -171,7 +171,11 @@ def test_gpu_export_and_predictor_match_eager(exported, tmp_path, precision):
     from passl.export import export_model, load_exported
     tmp, model = exported
     cfg = load_config(str(tmp / "tiny.yaml"))
-    export_model(cfg, str(tmp / "w.pdparams"), str(tmp_path / "out"), device="gpu")
+    previous = paddle.get_device()
+    try:
+        export_model(cfg, str(tmp / "w.pdparams"), str(tmp_path / "out"), device="gpu")
+    finally:
+        paddle.set_device(previous)
     layer, info = load_exported(str(tmp_path / "out"), device="gpu", precision=precision)
     assert info["traced_on"] == "gpu" and layer.memory_optim and layer.device.startswith("gpu")
     model.eval()
