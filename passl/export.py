@@ -16,8 +16,8 @@ the expected place in static mode), so a GPU trace holds the GPU's fused attenti
 CPU has no kernel for, and a CPU trace the plain matmul-softmax-matmul.
 
 ``predict`` runs that folder with Paddle Inference (``InferenceModel``: oneDNN kernels and fused
-passes on the CPU, the GPU where Paddle has CUDA and one is visible; memory optimisation on, so
-activations share buffers; ``precision`` fp32, or fp16 on a GPU: Paddle's mixed-precision pass runs
+passes on the CPU, the GPU where Paddle has CUDA and one is visible, there with memory optimisation on,
+so activations share buffers; ``precision`` fp32, or fp16 on a GPU: Paddle's mixed-precision pass runs
 the graph in float16 with float32 inputs and outputs) and returns the top-5 classes of images of any
 size (JPEG, PNG, ... anything PIL decodes). On a 2-core CPU the predictor ran lvvit_t at 63-65
 images/s where the eager model ran 26-36 and ``paddle.jit.load`` 26-29 (benchmarks/bench_eval.py).
@@ -31,7 +31,7 @@ from passl.errors import ConfigError, DataError
 from passl.utils.fileio import write_text, writing
 
 __all__ = ["export_model", "eval_preprocessing", "load_exported", "InferenceModel", "preprocess_image", "predict",
-           "PREPROCESS_FILE", "MODEL_PREFIX", "PRECISIONS"]
+           "PREPROCESS_FILE", "MODEL_PREFIX", "PRECISIONS", "predictor_config"]
 
 PREPROCESS_FILE = "preprocess.json"
 MODEL_PREFIX = "inference"
@@ -163,40 +163,33 @@ class InferenceModel:
     ``precision`` 'fp16' runs the graph in float16 on a GPU (``Config.enable_use_gpu`` with
     ``PrecisionType.Half``: Paddle's mixed-precision pass keeps the float32 inputs and outputs and the
     ops it lists as unsafe in float32); on the CPU it is a ConfigError rather than a quiet float32 run,
-    since Paddle Inference has no float16 CPU kernels. Memory optimisation is always on."""
+    since Paddle Inference has no float16 CPU kernels. Memory optimisation is on for the GPU
+    (``predictor_config``); where Paddle refuses it for a graph, a warning says so and the model runs
+    without it."""
 
     def __init__(self, prefix, device="auto", threads=None, precision="fp32"):
-        import paddle
-        from paddle import inference
+        import warnings
 
-        from passl.utils.cpu_threads import available_cores
+        from paddle import inference
         if precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         kind, device = resolve_device(device)
         if precision == "fp16" and kind == "cpu":
             raise ConfigError("precision fp16 needs a GPU (Paddle Inference has no float16 CPU kernels); "
                               "use --precision fp32 on the CPU")
-        index = device.partition(":")[2]
         graph, params = model_files(prefix)
-        config = inference.Config(graph, params)
-        if graph.endswith(".json"):
-            # a PIR graph: its memory optimisation runs in the new executor; without it, Paddle 3.3.1's
-            # predictor fails with "Not find predictor_id 0 and pass_name memory_optimize_pass"
-            config.enable_new_executor(True)
-        config.enable_memory_optim()                  # activations reuse buffers whose tensors are dead
-        if kind == "gpu":
-            mode = inference.PrecisionType.Half if precision == "fp16" else inference.PrecisionType.Float32
-            config.enable_use_gpu(256, int(index or 0), mode)
-        else:
-            config.disable_gpu()
-            config.set_cpu_math_library_num_threads(threads or available_cores())
-            if getattr(paddle.base.core, "is_compiled_with_mkldnn", lambda: False)():
-                config.enable_mkldnn()
-                config.set_mkldnn_cache_capacity(8)   # one set of kernels per batch shape, at most 8 kept
-        config.disable_glog_info()                    # no per-pass log lines on the terminal
-        self.device, self.precision = device, precision
-        self.memory_optim = _summary_flag(config, "memory_optim")   # as the predictor will run
-        self.predictor = inference.create_predictor(config)
+        self.device, self.precision, self.memory_optim = device, precision, kind == "gpu"
+        try:
+            self.predictor = inference.create_predictor(
+                predictor_config(graph, params, device, precision, threads, self.memory_optim))
+        except Exception as e:   # noqa: BLE001 (Paddle raises ValueError / RuntimeError from C++)
+            if not self.memory_optim:
+                raise
+            warnings.warn(f"Paddle Inference refused memory optimisation for {graph} ({str(e).splitlines()[0]}); "
+                          "running without it")
+            self.memory_optim = False
+            self.predictor = inference.create_predictor(predictor_config(graph, params, device, precision, threads,
+                                                                         False))
         self._input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self._output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
 
@@ -208,13 +201,35 @@ class InferenceModel:
         return self._output.copy_to_cpu().astype(np.float32, copy=False)
 
 
-def _summary_flag(config, name):
-    """A boolean row of ``Config.summary()`` (the Config has no getter for some of them)."""
-    for line in config.summary().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 2 and cells[0] == name:
-            return cells[1] == "true"
-    return False
+def predictor_config(graph, params, device, precision="fp32", threads=None, memory_optim=True):
+    """The ``paddle.inference.Config`` of ``InferenceModel`` for ``device`` ('cpu', 'gpu' or 'gpu:N').
+
+    GPU: ``enable_use_gpu`` with ``PrecisionType.Half`` for fp16 (Paddle's one-step mixed precision),
+    and memory optimisation when ``memory_optim`` (activations reuse dead tensors' buffers; a PIR graph,
+    ``.json``, needs the new executor for it: without, Paddle 3.3.1's predictor stops with "Not find
+    predictor_id 0 and pass_name memory_optimize_pass"). CPU: oneDNN on ``threads`` cores, without
+    memory optimisation, which did not lower the peak there (lvvit_t, batch 16 and 64; benchmarks/README.md)."""
+    import paddle
+    from paddle import inference
+
+    from passl.utils.cpu_threads import available_cores
+    config = inference.Config(graph, params)
+    kind, _, index = device.partition(":")
+    if kind == "gpu":
+        mode = inference.PrecisionType.Half if precision == "fp16" else inference.PrecisionType.Float32
+        config.enable_use_gpu(256, int(index or 0), mode)
+    else:
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(threads or available_cores())
+        if getattr(paddle.base.core, "is_compiled_with_mkldnn", lambda: False)():
+            config.enable_mkldnn()
+            config.set_mkldnn_cache_capacity(8)   # one set of kernels per batch shape, at most 8 kept
+    if memory_optim:
+        if graph.endswith(".json"):
+            config.enable_new_executor(True)
+        config.enable_memory_optim()
+    config.disable_glog_info()                    # no per-pass log lines on the terminal
+    return config
 
 
 def load_exported(model_dir, device="auto", precision="fp32"):

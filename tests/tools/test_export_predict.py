@@ -137,12 +137,52 @@ def test_predict_takes_a_precision_and_refuses_fp16_on_the_cpu(exported, tmp_pat
     assert done.returncode == 2 and "fp32" in done.stderr and "fp16" in done.stderr
 
 
-def test_the_predictor_runs_with_memory_optimisation(exported):
-    from passl.export import load_exported
+def _summary_flag(config, name):
+    """A boolean row of ``Config.summary()``."""
+    for line in config.summary().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] == name:
+            return cells[1] == "true"
+    raise AssertionError(f"no {name} in the summary")
+
+
+def test_the_gpu_predictor_is_configured_with_memory_optimisation(exported):
+    from passl.export import load_exported, model_files, predictor_config
     tmp, _ = exported
+    graph, params = model_files(str(tmp / "out" / "inference"))
+    assert _summary_flag(predictor_config(graph, params, "gpu:0", "fp16"), "memory_optim")
+    assert not _summary_flag(predictor_config(graph, params, "cpu", memory_optim=False), "memory_optim")
     layer, info = load_exported(str(tmp / "out"), device="cpu")
-    assert layer.memory_optim and layer.precision == "fp32"
-    assert info["traced_on"] == "cpu"
+    assert not layer.memory_optim and layer.precision == "fp32" and info["traced_on"] == "cpu"
+
+
+def test_a_refused_memory_optimisation_falls_back_with_a_warning(exported, monkeypatch):
+    """Where Paddle's predictor refuses memory optimisation for a graph, the model still runs, and says so."""
+    import paddle
+
+    import passl.export as export
+    tmp, model = exported
+    monkeypatch.setattr(export, "resolve_device", lambda device: ("gpu", "gpu:0"))
+    made = []
+
+    def config(graph, params, device, precision, threads, memory_optim):
+        made.append(memory_optim)
+        return predictor_config_cpu(graph, params, "cpu", "fp32", threads, memory_optim)
+    predictor_config_cpu = export.predictor_config
+    monkeypatch.setattr(export, "predictor_config", config)
+    create = paddle.inference.create_predictor
+
+    def refusing(cfg):
+        if made[-1]:
+            raise ValueError("(InvalidArgument) Not find predictor_id 0 and pass_name memory_optimize_pass")
+        return create(cfg)
+    monkeypatch.setattr(paddle.inference, "create_predictor", refusing)
+    with pytest.warns(UserWarning, match="refused memory optimisation.*memory_optimize_pass"):
+        layer = export.InferenceModel(str(tmp / "out" / "inference"))
+    assert made == [True, False] and not layer.memory_optim
+    model.eval()
+    images = paddle.randn([2, 3, 32, 32])
+    np.testing.assert_allclose(layer(images.numpy()), model(images).numpy(), atol=1e-5, rtol=0)
 
 
 def test_a_gpu_export_is_refused_on_the_cpu(exported, tmp_path):
