@@ -7,9 +7,9 @@ import warnings
 from passl.errors import PasslError
 
 # The oldest Paddle the code runs on: 3.2 brought paddle.amp.is_autocast_enabled, which the CPU fast paths
-# (passl/utils/cpu_fast.py) ask on every Linear call; 3.0 and 3.1 fail there (the test suite was run on
-# 3.0.0, 3.1.0, 3.2.0 and 3.3.1). Attention calls scaled_dot_product_attention without ``scale``, an
-# argument that 3.0-3.2 do not have.
+# (passl/utils/cpu_fast.py) call on every Linear forward. The model, engine, export and transform tests fail
+# on 3.0.0 for that reason alone and pass on 3.2.0; 3.1.0 lacks the function too. Attention calls
+# scaled_dot_product_attention without ``scale``, an argument 3.0-3.2 do not have.
 MIN_PADDLE = (3, 2)
 # Paddle prints these at import; the first is advice for data-parallel CPU jobs that does not apply
 # to us (configure_process sets OMP_NUM_THREADS on purpose), the second concerns compiling custom
