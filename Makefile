@@ -11,7 +11,7 @@ install: $(STAMP)
 # --system-site-packages: a Paddle already installed (CPU or GPU build) is used, never replaced.
 $(STAMP): setup.py requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(BIN)/python -c "import paddle" 2>/dev/null || $(BIN)/python -m pip install "paddlepaddle>=3.0"
+	$(BIN)/python -c "import paddle" 2>/dev/null || $(BIN)/python -m pip install "paddlepaddle>=3.2"
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $(STAMP)
 

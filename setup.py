@@ -17,7 +17,7 @@ setup(
     # paddlepaddle / paddlepaddle-gpu is not listed: pip would install the CPU build over a GPU one.
     install_requires=requirements(),
     extras_require={
-        "cpu": ["paddlepaddle>=3.0"],
+        "cpu": ["paddlepaddle>=3.2"],
         "test": ["pytest>=7", "scikit-learn>=1.2"],
         "example": ["scikit-learn>=1.2"],
     },

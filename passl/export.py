@@ -10,10 +10,17 @@
   runtimes, the same steps flattened (SPEC 5 evaluation: ``resize_shorter`` = int(crop_size / crop_pct)
   with ``interpolation``, centre crop ``crop_size``, ``mean`` / ``std``); and the class names.
 
+The graph is traced on the device it is meant for (``device``, recorded in preprocess.json as
+``traced_on``): Paddle chooses the attention kernel while tracing (paddle/nn/functional/sdpa.py reads
+the expected place in static mode), so a GPU trace holds the GPU's fused attention kernels, which the
+CPU has no kernel for, and a CPU trace the plain matmul-softmax-matmul.
+
 ``predict`` runs that folder with Paddle Inference (``InferenceModel``: oneDNN kernels and fused
-passes on the CPU, the GPU where Paddle has CUDA and one is visible) and returns the top-5 classes of
-images of any size (JPEG, PNG, ... anything PIL decodes). On a 2-core CPU the predictor ran lvvit_t
-at 63-65 images/s where the eager model ran 26-36 and ``paddle.jit.load`` 26-29 (benchmarks/bench_eval.py).
+passes on the CPU, the GPU where Paddle has CUDA and one is visible, there with memory optimisation on,
+so activations share buffers; ``precision`` fp32, or fp16 on a GPU: Paddle's mixed-precision pass runs
+the graph in float16 with float32 inputs and outputs) and returns the top-5 classes of images of any
+size (JPEG, PNG, ... anything PIL decodes). On a 2-core CPU the predictor ran lvvit_t at 63-65
+images/s where the eager model ran 26-36 and ``paddle.jit.load`` 26-29 (benchmarks/bench_eval.py).
 """
 import json
 import os
@@ -24,10 +31,11 @@ from passl.errors import ConfigError, DataError
 from passl.utils.fileio import write_text, writing
 
 __all__ = ["export_model", "eval_preprocessing", "load_exported", "InferenceModel", "preprocess_image", "predict",
-           "PREPROCESS_FILE", "MODEL_PREFIX"]
+           "PREPROCESS_FILE", "MODEL_PREFIX", "PRECISIONS", "predictor_config"]
 
 PREPROCESS_FILE = "preprocess.json"
 MODEL_PREFIX = "inference"
+PRECISIONS = ("fp32", "fp16")
 
 
 def eval_preprocessing(cfg, img_size):
@@ -96,13 +104,17 @@ def _load_weights(model, weights):
     load_pretrained(model, weights, log=lambda *a: None)
 
 
-def export_model(cfg, weights, out_dir, class_names=None):
-    """Export the eval model of ``cfg`` with ``weights`` to ``out_dir`` (see the module docstring).
+def export_model(cfg, weights, out_dir, class_names=None, device="cpu"):
+    """Export the eval model of ``cfg`` with ``weights`` to ``out_dir`` (see the module docstring), traced
+    on ``device`` ('cpu' or 'gpu', Paddle's current device is set to it).
 
     Returns (eager model in eval mode, path prefix of the saved model, preprocessing dict)."""
     import paddle
 
     import passl
+    if device not in ("cpu", "gpu"):
+        raise ConfigError(f"export device {device!r}: use cpu or gpu")
+    paddle.set_device(device)
     with paddle.utils.unique_name.guard():
         model = passl.build_model(cfg["model"])
     preprocessing = eval_preprocessing(cfg, model.img_size)
@@ -114,7 +126,7 @@ def export_model(cfg, weights, out_dir, class_names=None):
     prefix = os.path.join(out_dir, MODEL_PREFIX)
     with writing(prefix):   # disk full: one line naming the file
         paddle.jit.save(static, prefix)
-    info = {**preprocessing, "model": cfg["model"], "weights": os.path.abspath(weights),
+    info = {**preprocessing, "model": cfg["model"], "weights": os.path.abspath(weights), "traced_on": device,
             "class_names": _class_names(cfg, model.num_classes, class_names)}
     write_text(os.path.join(out_dir, PREPROCESS_FILE), json.dumps(info, indent=1))
     return model, prefix, info
@@ -128,39 +140,56 @@ def model_files(prefix):
     raise DataError(f"{prefix}.json / .pdmodel not found; write the model with tools/export_model.py")
 
 
+def resolve_device(device):
+    """'auto' | 'cpu' | 'gpu' | 'gpu:N' -> (kind 'cpu' or 'gpu', device string); ConfigError otherwise, or for
+    a GPU this Paddle cannot use. 'auto' is the first GPU when Paddle has CUDA and one is visible."""
+    from passl.utils.distributed import cuda_available
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "gpu") or (index and not (kind == "gpu" and index.isdigit())):
+        raise ConfigError(f"device {device!r}: use auto, cpu, gpu or gpu:N")
+    if kind == "auto":
+        device = kind = "gpu" if cuda_available() else "cpu"
+    elif kind == "gpu" and not cuda_available():
+        raise ConfigError(f"device {device!r}: this Paddle build has no CUDA or no GPU is visible; use cpu")
+    return kind, device
+
+
 class InferenceModel:
     """A ``paddle.jit.save`` model run by a Paddle Inference predictor: float32 images [B, 3, H, W]
-    (numpy or paddle) -> numpy logits [B, num_classes], any B.
+    (numpy or paddle) -> numpy logits [B, num_classes] (float32), any B.
 
     ``device`` 'auto' takes the first GPU when Paddle has CUDA and one is visible, else the CPU, where
-    the predictor uses oneDNN kernels (Paddle's CPU builds for x86 have them) on ``threads`` cores."""
+    the predictor uses oneDNN kernels (Paddle's CPU builds for x86 have them) on ``threads`` cores.
+    ``precision`` 'fp16' runs the graph in float16 on a GPU (``Config.enable_use_gpu`` with
+    ``PrecisionType.Half``: Paddle's mixed-precision pass keeps the float32 inputs and outputs and the
+    ops it lists as unsafe in float32); on the CPU it is a ConfigError rather than a quiet float32 run,
+    since Paddle Inference has no float16 CPU kernels. Memory optimisation is on for the GPU
+    (``predictor_config``); where Paddle refuses it for a graph, a warning says so and the model runs
+    without it."""
 
-    def __init__(self, prefix, device="auto", threads=None):
-        import paddle
+    def __init__(self, prefix, device="auto", threads=None, precision="fp32"):
+        import warnings
+
         from paddle import inference
-
-        from passl.utils.cpu_threads import available_cores
-        from passl.utils.distributed import cuda_available
-        kind, _, index = device.partition(":")
-        if kind not in ("auto", "cpu", "gpu") or (index and not (kind == "gpu" and index.isdigit())):
-            raise ConfigError(f"device {device!r}: use auto, cpu, gpu or gpu:N")
-        if kind == "auto":
-            device = kind = "gpu" if cuda_available() else "cpu"
-        elif kind == "gpu" and not cuda_available():
-            raise ConfigError(f"device {device!r}: this Paddle build has no CUDA or no GPU is visible; use cpu")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        kind, device = resolve_device(device)
+        if precision == "fp16" and kind == "cpu":
+            raise ConfigError("precision fp16 needs a GPU (Paddle Inference has no float16 CPU kernels); "
+                              "use --precision fp32 on the CPU")
         graph, params = model_files(prefix)
-        config = inference.Config(graph, params)
-        if kind == "gpu":
-            config.enable_use_gpu(256, int(index or 0))
-        else:
-            config.disable_gpu()
-            config.set_cpu_math_library_num_threads(threads or available_cores())
-            if getattr(paddle.base.core, "is_compiled_with_mkldnn", lambda: False)():
-                config.enable_mkldnn()
-                config.set_mkldnn_cache_capacity(8)   # one set of kernels per batch shape, at most 8 kept
-        config.disable_glog_info()                    # no per-pass log lines on the terminal
-        self.device = device
-        self.predictor = inference.create_predictor(config)
+        self.device, self.precision, self.memory_optim = device, precision, kind == "gpu"
+        try:
+            self.predictor = inference.create_predictor(
+                predictor_config(graph, params, device, precision, threads, self.memory_optim))
+        except Exception as e:   # noqa: BLE001 (Paddle raises ValueError / RuntimeError from C++)
+            if not self.memory_optim:
+                raise
+            warnings.warn(f"Paddle Inference refused memory optimisation for {graph} ({str(e).splitlines()[0]}); "
+                          "running without it")
+            self.memory_optim = False
+            self.predictor = inference.create_predictor(predictor_config(graph, params, device, precision, threads,
+                                                                         False))
         self._input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self._output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
 
@@ -169,18 +198,55 @@ class InferenceModel:
         self._input.reshape(list(images.shape))
         self._input.copy_from_cpu(images)
         self.predictor.run()
-        return self._output.copy_to_cpu()
+        return self._output.copy_to_cpu().astype(np.float32, copy=False)
 
 
-def load_exported(model_dir, device="auto"):
-    """(InferenceModel, preprocess dict) of an ``export_model`` folder."""
+def predictor_config(graph, params, device, precision="fp32", threads=None, memory_optim=True):
+    """The ``paddle.inference.Config`` of ``InferenceModel`` for ``device`` ('cpu', 'gpu' or 'gpu:N').
+
+    GPU: ``enable_use_gpu`` with ``PrecisionType.Half`` for fp16 (Paddle's one-step mixed precision),
+    and memory optimisation when ``memory_optim`` (activations reuse dead tensors' buffers; a PIR graph,
+    ``.json``, needs the new executor for it: without, Paddle 3.3.1's predictor stops with "Not find
+    predictor_id 0 and pass_name memory_optimize_pass"). CPU: oneDNN on ``threads`` cores, without
+    memory optimisation, which did not lower the peak there (lvvit_t, batch 16 and 64; benchmarks/README.md)."""
+    import paddle
+    from paddle import inference
+
+    from passl.utils.cpu_threads import available_cores
+    config = inference.Config(graph, params)
+    kind, _, index = device.partition(":")
+    if kind == "gpu":
+        mode = inference.PrecisionType.Half if precision == "fp16" else inference.PrecisionType.Float32
+        config.enable_use_gpu(256, int(index or 0), mode)
+    else:
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(threads or available_cores())
+        if getattr(paddle.base.core, "is_compiled_with_mkldnn", lambda: False)():
+            config.enable_mkldnn()
+            config.set_mkldnn_cache_capacity(8)   # one set of kernels per batch shape, at most 8 kept
+    if memory_optim:
+        if graph.endswith(".json"):
+            config.enable_new_executor(True)
+        config.enable_memory_optim()
+    config.disable_glog_info()                    # no per-pass log lines on the terminal
+    return config
+
+
+def load_exported(model_dir, device="auto", precision="fp32"):
+    """(InferenceModel, preprocess dict) of an ``export_model`` folder. ConfigError for a folder traced on
+    the GPU run on the CPU (its attention kernels exist on the GPU only)."""
     info_path = os.path.join(model_dir, PREPROCESS_FILE)
     if not os.path.isfile(info_path):
         raise DataError(f"{model_dir} is not an exported model (no {PREPROCESS_FILE}); "
                         "write one with tools/export_model.py")
     with open(info_path, encoding="utf-8") as f:
         info = json.load(f)
-    return InferenceModel(os.path.join(model_dir, MODEL_PREFIX), device), info
+    kind, device = resolve_device(device)
+    traced_on = info.get("traced_on", "cpu")   # folders from before traced_on was recorded were traced on the CPU
+    if traced_on == "gpu" and kind == "cpu":
+        raise ConfigError(f"{model_dir} was exported for the GPU (its graph holds GPU-only attention kernels); "
+                          "predict on a GPU, or export again with tools/export_model.py --device cpu")
+    return InferenceModel(os.path.join(model_dir, MODEL_PREFIX), device, precision=precision), info
 
 
 def _image_dataset(paths, info):
@@ -210,11 +276,11 @@ def preprocess_image(path, info):
     return _finish(dataset, dataset.load_item(0, np.random.default_rng(0))["image"][None])[0]
 
 
-def predict(model_dir, paths, topk=5, batch_size=16, device="auto"):
+def predict(model_dir, paths, topk=5, batch_size=16, device="auto", precision="fp32"):
     """Top-``topk`` predictions of each image. Returns (results, errors): results a list of
     (path, [(class index, class name, probability)]) for the decodable images, errors a list of
     DataError messages naming the files that could not be decoded."""
-    model, info = load_exported(model_dir, device)
+    model, info = load_exported(model_dir, device, precision)
     names = info["class_names"]
     dataset = _image_dataset(paths, info)
     rng = np.random.default_rng(0)   # eval transforms draw nothing; the argument is required

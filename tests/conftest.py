@@ -21,3 +21,17 @@ import pytest  # noqa: E402
 @pytest.fixture
 def repo_root():
     return ROOT
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests skip, saying why, where Paddle has no CUDA device (run them with ``pytest -m gpu``)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import paddle
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return
+    reason = "needs a CUDA GPU and paddlepaddle-gpu (this Paddle: " + (
+        "no CUDA device visible)" if paddle.is_compiled_with_cuda() else "a CPU build)")
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=reason))

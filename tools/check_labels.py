@@ -12,9 +12,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-from passl.utils.cpu_threads import configure_cpu_threads  # noqa: E402
+from passl.utils.runtime import configure_process  # noqa: E402
 
-configure_cpu_threads()
+configure_process()
 
 from passl.utils import cli  # noqa: E402
 

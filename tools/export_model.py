@@ -21,6 +21,10 @@ def build_parser():
     p.add_argument("--out", required=True, help="folder for inference.* and preprocess.json")
     p.add_argument("--class-names", help="file with one '<dir> [readable name]' per line (default: the val "
                                          "dataset's classes, or class_<i>)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="the device the model will run on; the graph is traced there, with that device's "
+                        "attention kernels (auto: the GPU if Paddle has CUDA and one is visible). A GPU "
+                        "export does not run on the CPU")
     return p
 
 
@@ -33,11 +37,11 @@ def main(argv=None):
 
     cfg = load_config(args.config, args.override)
     ensure_writable_dir(args.out, "--out")
-    select_device("cpu", log=None)   # export is device independent
-    model, prefix, info = export_model(cfg, args.load, args.out, args.class_names)
+    device = select_device(args.device, log=None)
+    model, prefix, info = export_model(cfg, args.load, args.out, args.class_names, device)
     rows, cols = info["input_size"]
-    print(f"exported {cfg['model']['name']} ({model.num_classes} classes, input [N, 3, {rows}, {cols}]) to {prefix}.* "
-          f"with {os.path.join(args.out, 'preprocess.json')}")
+    print(f"exported {cfg['model']['name']} ({model.num_classes} classes, input [N, 3, {rows}, {cols}], traced on "
+          f"the {device.upper()}) to {prefix}.* with {os.path.join(args.out, 'preprocess.json')}")
     return 0
 
 

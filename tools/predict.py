@@ -21,6 +21,9 @@ def build_parser():
     p.add_argument("--batch-size", type=cli.number(1), default=16)
     p.add_argument("--device", default="auto",
                    help="auto (the GPU if Paddle has CUDA and one is visible), cpu, gpu, gpu:1")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16: the graph runs in float16 on the GPU (inputs and outputs stay float32); "
+                        "the CPU runs fp32 only")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...; any size)")
     return p
 
@@ -31,12 +34,13 @@ def main(argv=None):
     from passl.export import predict
 
     start = time.perf_counter()
-    results, errors = predict(args.model, args.images, args.topk, args.batch_size, args.device)
+    results, errors = predict(args.model, args.images, args.topk, args.batch_size, args.device, args.precision)
     for path, top in results:
         print(path)
         for rank, (index, name, prob) in enumerate(top, 1):
             print(f"  {rank}. {name:<24s} {prob:7.2%}  (class {index})")
-    print(f"predicted {len(results)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(f"predicted {len(results)} image(s) in {time.perf_counter() - start:.1f} s ({args.precision})",
+          file=sys.stderr)
     if errors:
         raise DataError(f"{len(errors)} of {len(args.images)} image(s) could not be read:\n  " + "\n  ".join(errors))
     return 0

@@ -2,8 +2,9 @@
 
 Batch keys: ``image`` uint8 [B, 3, H, W] (normalised on the training device by
 ``TokenLabelDataset.finish_batch``), ``label`` int64 [B], ``bad_image_index`` int64 [B] (-1, or the
-index of an undecodable image this sample stood in for); with RandomErasing, ``erase_boxes`` int32
-[B, max_count, 4] and ``erase_seed`` int64 [B]; for training, the compact targets of targets.py
+index of an undecodable image this sample stood in for; only in a batch where a sample did, so the
+training process learns of stand-ins without reading every batch back from the device); with
+RandomErasing, ``erase_boxes`` int32 [B, max_count, 4]; for training, the compact targets of targets.py
 padded to a common U (a multiple of 8, so few distinct shapes occur): ``target_classes`` int64 [B, U]
 (-1 = padding), ``token_probs`` float32 [B, N, U] (0 at padding), ``token_bg`` float32 [B, N],
 ``token_weight`` float32 [B, N] (0: the token has no dense target), ``cls_probs`` float32 [B, U],
@@ -24,6 +25,8 @@ def collate_fn(samples):
     keys = [k for k in samples[0] if k not in TARGET_KEYS]
     for key in keys:
         batch[key] = np.stack([np.asarray(s[key]) for s in samples])
+    if "bad_image_index" in batch and not (batch["bad_image_index"] >= 0).any():
+        del batch["bad_image_index"]
     if "target_classes" in samples[0]:
         widest = max(s["target_classes"].shape[0] for s in samples)
         width = max(PAD_MULTIPLE, -(-widest // PAD_MULTIPLE) * PAD_MULTIPLE)

@@ -7,7 +7,7 @@ label store, the transforms and the target builder into a :class:`TokenLabelData
 dicts of numpy arrays (workers never create paddle tensors):
 
     image  uint8 [3, H, W]    label  int64 []    bad_image_index  int64 [] (-1: none)
-    with RandomErasing: erase_boxes int32 [max_count, 4], erase_seed int64 []
+    with RandomErasing: erase_boxes int32 [max_count, 4]
     train only: target_classes [U], token_probs [N, U], token_bg [N], token_weight [N], cls_probs [U],
                 cls_bg []
 
@@ -275,7 +275,7 @@ class TokenLabelDataset(paddle.io.Dataset):
             sample = transform(sample, rng)
         item = {"image": to_uint8_chw(sample.image), "label": np.asarray(label, np.int64)}
         if sample.erase is not None:
-            item["erase_boxes"], item["erase_seed"] = sample.erase[0], np.asarray(sample.erase[1], np.int64)
+            item["erase_boxes"] = sample.erase
         if self.targets:
             tokens = self.grid_size[0] * self.grid_size[1]
             if sample.label_map is None:
@@ -285,15 +285,16 @@ class TokenLabelDataset(paddle.io.Dataset):
                                                 self.grid_size, self.num_classes, label))
         return item
 
-    def finish_batch(self, batch, erase=None):
-        """Collated batch (paddle tensors, image uint8 [B, 3, H, W]) -> image float32 as the model sees it:
-        normalised (or scaled to [0, 1] without Normalize), with the RandomErasing boxes filled.
-        ``erase``: the batch's (erase_boxes, erase_seed) as numpy, popped before the batch went to the GPU."""
+    def finish_batch(self, batch, noise_seed=1):
+        """Collated batch (paddle tensors on the training device, image uint8 [B, 3, H, W]) -> image float32
+        as the model sees it: normalised (or scaled to [0, 1] without Normalize), with the RandomErasing boxes
+        (``erase_boxes``, removed from the batch) filled with noise drawn from ``noise_seed`` (a positive int).
+        Nothing here reads a tensor back to the host."""
         images = batch["image"]
         images = self.normalize.normalize_batch(images) if self.normalize else images.astype("float32") / 255.0
-        if erase is not None:
-            boxes, seeds = erase
-            images = self.erasing.erase_batch(images, boxes, int(np.sum(seeds, dtype=np.int64) % (2 ** 31 - 2)) + 1)
+        boxes = batch.pop("erase_boxes", None)
+        if boxes is not None and self.erasing is not None:
+            images = self.erasing.erase_batch(images, boxes, noise_seed)
         batch["image"] = images
         return batch
 

@@ -30,8 +30,8 @@ def inspect_sample(cfg, index, seed=0):
         raise ConfigError(f"--index {index} is outside the training set (0..{len(dataset) - 1})")
     np.random.seed(seed)
     item = dataset[index]
-    erase = (item["erase_boxes"][None], item["erase_seed"][None]) if "erase_boxes" in item else None
-    batch = dataset.finish_batch({"image": paddle.to_tensor(item["image"][None])}, erase)
+    batch = {key: paddle.to_tensor(item[key][None]) for key in ("image", "erase_boxes") if key in item}
+    batch = dataset.finish_batch(batch, noise_seed=seed % (2 ** 31 - 2) + 1)
     image = batch["image"].numpy()[0]
     smoothing = float((cfg.get("loss") or {}).get("smoothing", 0.1))
     token_targets, cls_target = expand_targets(item, num_classes, smoothing)

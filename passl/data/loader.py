@@ -8,7 +8,12 @@ exactly what one process's batch would, and evaluation can drop the padding by p
 Randomness inside a sample's transforms is reseeded per sample from ``(seed, epoch, position)``
 (Python's ``random`` and NumPy's global generator), so augmentation does not depend on which
 worker or rank draws the sample, and resuming in the middle of an epoch repeats it exactly.
-Workers are additionally seeded from ``(seed, epoch, rank, worker_id)`` for anything else.
+Workers are additionally seeded from ``(seed, epoch, rank, worker_id)`` for anything else; the noise
+RandomErasing draws on the device for a batch, from ``(seed, epoch, rank, batch)`` (``erase_seed``).
+
+Nothing the Loader does per batch reads a tensor back to the host: batches reach the device and are
+finished there, stand-in images for undecodable ones are recorded when the pass ends, and the worker
+processes of a pass left early (a break, an error, a stop) are shut down when it is closed.
 """
 import random
 
@@ -18,15 +23,22 @@ import paddle
 from passl.errors import DataError, PasslError
 
 __all__ = ["ResumableDistributedBatchSampler", "SeededItems", "WorkerSeeder", "Loader", "build_loader",
-           "sample_seed"]
+           "sample_seed", "erase_seed"]
 
 
 _ERROR_KEY = "_loader_error"
+_WORKER_EXIT_SECONDS = 10   # a worker finishing its current item before it reads the stop
 
 
 def sample_seed(seed, epoch, position):
     """A 32-bit seed for the sample at ``position`` of epoch ``epoch``'s padded order."""
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+def erase_seed(seed, epoch, rank, batch_index):
+    """The seed (1 .. 2^31 - 2) of RandomErasing's noise for this rank's batch ``batch_index`` of ``epoch``."""
+    state = int(np.random.SeedSequence([seed, epoch, rank, batch_index, 2]).generate_state(1)[0])
+    return state % (2 ** 31 - 2) + 1
 
 
 class ResumableDistributedBatchSampler(paddle.io.BatchSampler):
@@ -166,33 +178,56 @@ class Loader:
         return len(self.sampler)
 
     def __iter__(self):
-        """Batches as {name: tensor} on Paddle's current device."""
+        """Batches as {name: tensor} on Paddle's current device, finished there (no host sync per batch).
+
+        Batches holding a stand-in for an undecodable image (``bad_image_index``, present only then) are
+        kept on the device and recorded in the dataset when the pass ends or is closed; the DataLoader's
+        workers are shut down then too, also when the pass is left early."""
         on_gpu = "gpu" in paddle.device.get_device()
-        record = getattr(self.dataset, "record_bad_images", None)
         finish = getattr(self.dataset, "finish_batch", None)
-        for batch in self.loader if self.loader is not None else self._load_here():
-            if _ERROR_KEY in batch:
-                error = batch[_ERROR_KEY]
-                raise DataError(bytes(_numpy(error)).decode("utf-8"))
-            bad = batch.pop("bad_image_index", None)
-            if bad is not None and record is not None:
-                # workers cannot update the main process's dataset: report stand-ins here
-                bad = _numpy(bad)
-                if (bad >= 0).any():
-                    record(bad)
-            erase = [batch.pop(key, None) for key in ("erase_boxes", "erase_seed")]   # small; read on the host
-            erase = None if erase[0] is None else tuple(_numpy(v) for v in erase)
-            if on_gpu:
-                batch = {k: (v.cuda() if isinstance(v, paddle.Tensor) and not v.place.is_gpu_place() else v)
-                         for k, v in batch.items()}
-            if finish is not None:   # uint8 images -> what the model sees, on the device
-                batch = finish(batch, erase)
-            yield batch
+        sampler = self.sampler
+        stand_ins = []
+        batches = iter(self.loader) if self.loader is not None else self._load_here()
+        try:
+            for index, batch in enumerate(batches, start=sampler.start_batch):
+                if _ERROR_KEY in batch:
+                    raise DataError(bytes(_numpy(batch[_ERROR_KEY])).decode("utf-8"))
+                bad = batch.pop("bad_image_index", None)
+                if bad is not None:
+                    stand_ins.append(bad)
+                if on_gpu:
+                    batch = {k: (v.cuda() if isinstance(v, paddle.Tensor) and not v.place.is_gpu_place() else v)
+                             for k, v in batch.items()}
+                if finish is not None:   # uint8 images -> what the model sees, on the device
+                    batch = finish(batch, erase_seed(sampler.seed, sampler.epoch, sampler.rank, index))
+                yield batch
+        finally:
+            _shut_down(batches)
+            record = getattr(self.dataset, "record_bad_images", None)
+            if stand_ins and record is not None:   # workers cannot update the main process's dataset
+                record(np.concatenate([_numpy(bad).reshape(-1) for bad in stand_ins]))
 
     def _load_here(self):
         for keys in self.sampler:
             batch = self.collate_fn([self.items[key] for key in keys])
             yield {name: paddle.to_tensor(value) for name, value in batch.items()}
+
+
+def _shut_down(batches):
+    """Stop a pass's DataLoader iterator and its worker processes (a generator: close it). Paddle's
+    multi-process iterator stops its workers in ``__del__``, which a pass left early does not reach: the
+    iterator's own reader thread still refers to it (paddle/io/dataloader/dataloader_iter.py)."""
+    if hasattr(batches, "close"):
+        batches.close()
+        return
+    stop = getattr(batches, "_try_shutdown_all", None)
+    if stop is None:
+        return
+    stop(_WORKER_EXIT_SECONDS)
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():   # still busy after the grace period
+            worker.terminate()
+            worker.join(_WORKER_EXIT_SECONDS)
 
 
 def _numpy(value):

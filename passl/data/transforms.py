@@ -74,7 +74,7 @@ class Sample:
     map_region: (x0, y0, x1, y1) reference-frame box the map covers
     view:       (x0, y0, x1, y1) reference-frame box the image shows
     size:       (width, height) of the original image (the reference frame)
-    erase:      RandomErasing's (boxes, seed), applied on the training device
+    erase:      RandomErasing's boxes, applied on the training device
     plans:      per-transform random parameters drawn before decoding; plans["crop"] =
                 (reference-frame box, output size) of a planned crop
     """
@@ -354,10 +354,28 @@ class Normalize(Transform):
     def normalize_batch(self, images):
         """uint8 (or [0, 255] float) paddle tensor [B, 3, H, W] -> (x - 255 mean) / (255 std) per channel,
         float32, on its device. (A CPU run swaps in a faster equivalent: passl/utils/cpu_fast.py.)"""
-        import paddle
-        mean = paddle.to_tensor([255.0 * m for m in self.mean], dtype="float32").reshape([1, -1, 1, 1])
-        std = paddle.to_tensor([255.0 * s for s in self.std], dtype="float32").reshape([1, -1, 1, 1])
+        mean = device_constant([255.0 * m for m in self.mean], images.place, [1, -1, 1, 1])
+        std = device_constant([255.0 * s for s in self.std], images.place, [1, -1, 1, 1])
         return (images.astype("float32") - mean) / std
+
+
+_constants = {}   # (values, shape, place) -> float32 tensor
+
+
+def device_constant(values, place, shape=None):
+    """float32 tensor of ``values`` (reshaped to ``shape``) on ``place``, copied there once per process and
+    place: a per-step ``paddle.to_tensor`` is a host-to-device copy the GPU stream waits for. Eager mode
+    only caches (a static graph gets its own constant)."""
+    import paddle
+    key = (tuple(float(v) for v in values), tuple(shape or ()), str(place))
+    tensor = _constants.get(key)
+    if tensor is None:
+        tensor = paddle.to_tensor(list(key[0]), dtype="float32", place=place)
+        tensor = tensor.reshape(shape) if shape else tensor
+        if not paddle.in_dynamic_mode():
+            return tensor
+        _constants[key] = tensor
+    return tensor
 
 
 Fraction = ranged(float, 0, 1, low_open=True)
@@ -369,8 +387,8 @@ class RandomErasing(Transform):
 
     mode: 'pixel' (per-pixel normal noise), 'rand' (one normal colour per channel) or 'const' (zeros).
     The boxes are drawn per sample (``apply`` stores them in ``sample.erase``: int32 [max_count, 4] rows
-    of top, left, height, width, height 0 for none, and a noise seed); the pixels are erased on the
-    collated, normalised batch on the training device (``erase_batch``), as timm does on the GPU.
+    of top, left, height, width, height 0 for none); the pixels are erased on the collated, normalised
+    batch on the training device (``erase_batch``, a few batch-wide ops), as timm does on the GPU.
     """
 
     def __init__(self, prob: Probability = 0.25, mode: str = "pixel", max_count: PositiveInt = 1,
@@ -387,7 +405,6 @@ class RandomErasing(Transform):
     def apply(self, sample, rng):
         width, height = sample.image_size()
         boxes = np.zeros((self.max_count, 4), np.int32)
-        seed = int(rng.integers(1, 2 ** 31 - 1))
         if rng.random() < self.prob:
             log_aspect = (math.log(self.min_aspect), math.log(1 / self.min_aspect))
             count = 1 if self.max_count == 1 else int(rng.integers(1, self.max_count + 1))
@@ -401,19 +418,40 @@ class RandomErasing(Transform):
                         top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
                         boxes[index] = (top, left, h, w)
                         break
-        sample.erase = (boxes, seed)
+        sample.erase = boxes
         return sample
 
     def erase_batch(self, images, boxes, seed):
-        """images float32 [B, C, H, W] (normalised, on the device), boxes int numpy [B, max_count, 4] (``apply``'s
-        rows), seed an int: fills the boxes in place and returns images. The noise comes from ``seed``
-        alone, so a resumed run erases with the same values and the global random state is left alone;
-        only the boxes' pixels are drawn."""
+        """images float32 [B, C, H, W] (normalised, on the device), boxes int [B, max_count, 4] (``apply``'s
+        rows; a tensor on the same device, or numpy), seed a positive int -> the images with the boxes filled.
+
+        Without a host sync and in a fixed number of batch-wide ops: a box mask [B, max_count, H, W] from
+        the rows compared with index ranges, then one ``where``. The noise comes from ``seed`` alone (the
+        Loader derives it from the run's seed, epoch, rank and batch), so a resumed run erases with the same
+        values and the global random state is left alone. Where boxes overlap, the later one's colour wins."""
+        import paddle
         from paddle.tensor.random import gaussian
-        channels = images.shape[1]
-        for index, (sample, slot) in enumerate(zip(*np.nonzero(boxes[:, :, 2] * boxes[:, :, 3]))):
-            top, left, h, w = (int(v) for v in boxes[sample, slot])
-            shape = [channels, h, w] if self.mode == "pixel" else [channels, 1, 1]
-            fill = gaussian(shape, seed=seed + index, dtype="float32") if self.mode != "const" else 0.0
-            images[int(sample), :, top:top + h, left:left + w] = fill
-        return images
+        if not isinstance(boxes, paddle.Tensor):
+            boxes = paddle.to_tensor(np.asarray(boxes, np.int32), place=images.place)
+        batch, channels, height, width = images.shape
+        count = boxes.shape[1]
+        top, left, box_h, box_w = (v.reshape([batch, count, 1, 1]) for v in boxes.astype("int32").unbind(2))
+        rows = paddle.arange(height, dtype="int32").reshape([1, 1, height, 1])
+        cols = paddle.arange(width, dtype="int32").reshape([1, 1, 1, width])
+        inside = paddle.logical_and(paddle.logical_and(rows >= top, rows < top + box_h),
+                                    paddle.logical_and(cols >= left, cols < left + box_w))   # [B, count, H, W]
+        erased = inside if count == 1 else inside.any(axis=1, keepdim=True)                # [B, 1, H, W]
+        if self.mode == "const":
+            fill = paddle.zeros([1], images.dtype)
+        elif self.mode == "pixel":
+            fill = gaussian([batch, channels, height, width], seed=seed, dtype=images.dtype)
+        else:   # one colour per box and channel
+            colours = gaussian([batch, channels, count], seed=seed, dtype=images.dtype)
+            if count == 1:
+                fill = colours.reshape([batch, channels, 1, 1])
+            else:
+                order = paddle.arange(1, count + 1, dtype="int32").reshape([1, count, 1, 1])
+                last = (inside.astype("int32") * order).argmax(axis=1).reshape([batch, 1, height * width])
+                fill = paddle.take_along_axis(colours, last.expand([batch, channels, height * width]), axis=2)
+                fill = fill.reshape([batch, channels, height, width])
+        return paddle.where(erased, fill, images)

@@ -12,8 +12,8 @@ from paddle.nn.initializer import Constant, TruncatedNormal, Uniform
 from passl.errors import ConfigError
 from passl.models.outputs import TokenLabelOutput
 
-__all__ = ["ConvStem", "PatchConv", "DropPath", "Attention", "Mlp", "Block", "draw_mix_box", "box_mask",
-           "mix_tokens", "TokenLabelModel"]
+__all__ = ["ConvStem", "PatchConv", "DropPath", "attention", "Attention", "Mlp", "Block", "draw_mix_box",
+           "box_mask", "mix_tokens", "TokenLabelModel"]
 
 # trunc normal std .02, truncated at +-2 absolute as the reference does (i.e. practically untruncated)
 _trunc_normal = TruncatedNormal(mean=0.0, std=0.02, a=-2.0, b=2.0)
@@ -98,6 +98,26 @@ class DropPath(nn.Layer):
         return f"p={self.p}"
 
 
+def attention(q, k, v, dropout_p=0.0, training=False):
+    """softmax(q k^T / sqrt(head_dim)) v for q [B, Tq, heads, hd], k and v [B, Tk, heads, hd] -> [B, Tq, heads, hd].
+
+    Paddle's ``scaled_dot_product_attention`` picks the kernel (paddle/nn/functional/sdpa.py,
+    ``select_sdp_for_sdpa``): flash attention for float16/bfloat16 on a GPU of SM 8.0-12.1 when head_dim
+    is a multiple of 8 and ``scale`` is None (``check_scale_is_None`` refuses any explicit scale), else the
+    memory-efficient kernel when head_dim is aligned (8 for 16-bit dtypes), else matmul-softmax-matmul
+    (``_math_attention``: it scales q by head_dim ** -0.5, not the T x T scores). The scale here is always
+    the default, so it is never passed: S/M/L (head_dim 64) get flash attention under AMP.
+
+    LV-ViT-T (head_dim 60) takes the math path under float16/bfloat16 and the memory-efficient kernel in
+    float32 (alignment 4 on tensor-core GPUs). Padding q, k, v to 64 would reach flash attention, but at
+    224 px (T = 197, 4 heads) the padded copies of q, k, v and their gradients move bytes of the same order
+    as the [B, 4, 197, 197] scores flash attention saves, and the attention matmuls are ~14% of a block's
+    multiply-adds (2 T^2 D against 10 T D^2), so the gain is small at best and unmeasured here: T is
+    left on Paddle's own choice.
+    """
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, training=training)
+
+
 class Attention(nn.Layer):
     """Multi-head self-attention; ``qkv`` is one Linear(D, 3D) as in the reference checkpoints."""
 
@@ -107,7 +127,6 @@ class Attention(nn.Layer):
             raise ConfigError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.qkv = _linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = _linear(dim, dim)
@@ -119,10 +138,7 @@ class Attention(nn.Layer):
         # reshape with 0 keeps B and T symbolic, so the layer traces with a dynamic batch; unbind
         # (not qkv[0], qkv[1], qkv[2]) because each slice's backward writes a full-size zero gradient
         q, k, v = self.qkv(x).reshape([0, 0, 3, self.num_heads, self.head_dim]).unbind(2)  # [B, T, heads, hd]
-        # Paddle picks flash / memory-efficient kernels on GPU where dtype and shape allow, and plain
-        # matmul-softmax-matmul elsewhere (scaling q, not the T x T scores: ~1.4x faster on the CPU)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
-                                           training=self.training, scale=self.scale)
+        x = attention(q, k, v, self.attn_drop.p if self.training else 0.0, self.training)
         return self.proj_drop(self.proj(x.reshape([0, 0, dim])))
 
 

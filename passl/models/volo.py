@@ -14,8 +14,8 @@ import paddle.nn.functional as F
 from paddle.nn.initializer import Uniform
 
 from passl.errors import ConfigError
-from passl.models.layers import (Block, ConvStem, DropPath, Mlp, TokenLabelModel, _linear, _trunc_normal, box_mask,
-                                 draw_mix_box)
+from passl.models.layers import (Block, ConvStem, DropPath, Mlp, TokenLabelModel, _linear, _trunc_normal,
+                                 attention, box_mask, draw_mix_box)
 from passl.ranges import DropRate, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ranged
 from passl.registry import MODELS
 
@@ -151,7 +151,6 @@ class ClassAttention(nn.Layer):
         if dim % num_heads:
             raise ConfigError(f"VOLO class-attention dim {dim} must be divisible by its num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.kv = _linear(dim, 2 * dim, bias=qkv_bias)
         self.q = _linear(dim, dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -163,8 +162,7 @@ class ClassAttention(nn.Layer):
         dim = x.shape[-1]
         keys, values = self.kv(x).reshape([0, 0, 2, self.num_heads, self.head_dim]).unbind(2)  # [B, T, h, hd]
         query = self.q(x[:, :1]).reshape([0, 1, self.num_heads, self.head_dim])
-        out = F.scaled_dot_product_attention(query, keys, values, dropout_p=self.attn_drop.p if self.training
-                                             else 0.0, training=self.training, scale=self.scale)
+        out = attention(query, keys, values, self.attn_drop.p if self.training else 0.0, self.training)
         return self.proj_drop(self.proj(out.reshape([0, 1, dim])))
 
 

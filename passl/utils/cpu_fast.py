@@ -100,9 +100,11 @@ def _batch_norm_normalize_batch(self, images):
     """Normalize.normalize_batch while the fast paths are on: (x - 255 mean) / (255 std) per channel as
     an inference-mode batch_norm whose variance is stored less epsilon, so it divides by 255 std."""
     import paddle.nn.functional as F
+
+    from passl.data.transforms import device_constant
     eps = 1e-5
-    mean = paddle.to_tensor([255.0 * m for m in self.mean], dtype="float32")
-    var = paddle.to_tensor([(255.0 * s) ** 2 - eps for s in self.std], dtype="float32")
+    mean = device_constant([255.0 * m for m in self.mean], images.place)
+    var = device_constant([(255.0 * s) ** 2 - eps for s in self.std], images.place)
     return F.batch_norm(images.astype("float32"), mean, var, training=False, epsilon=eps)
 
 

@@ -43,7 +43,7 @@ def test_image_folder_classes_and_items(tmp_path):
     assert len(dataset) == 9 and dataset.source.samples[0] == ("a_dog/a_dog_0.jpg", 0)
     item = dataset[4]
     assert set(item) == {"image", "label", "bad_image_index", "target_classes", "token_probs", "token_bg",
-                         "token_weight", "cls_probs", "cls_bg", "erase_boxes", "erase_seed"}
+                         "token_weight", "cls_probs", "cls_bg", "erase_boxes"}
     assert all(isinstance(v, np.ndarray) for v in item.values())        # numpy only, never paddle
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == np.uint8   # normalised on the device
     assert item["erase_boxes"].shape == (1, 4)

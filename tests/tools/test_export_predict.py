@@ -22,6 +22,11 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
+def _has_gpu():
+    from passl.utils.distributed import cuda_available
+    return cuda_available()
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny random LV-ViT (32 px, 3 classes) exported from a config with its own eval transforms."""
@@ -99,9 +104,10 @@ def test_predict_prints_top_classes_and_names_a_corrupt_file(exported, tmp_path)
     Image.fromarray(rng.integers(0, 256, (300, 170, 3), dtype=np.uint8)).save(tmp_path / "big.jpg")
     Image.fromarray(rng.integers(0, 256, (20, 25, 3), dtype=np.uint8)).save(tmp_path / "small.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    done = _run(PREDICT, "--model", str(tmp / "out"), str(tmp_path / "big.jpg"), str(tmp_path / "small.png"))
+    done = _run(PREDICT, "--model", str(tmp / "out"), "--precision", "fp32", str(tmp_path / "big.jpg"),
+                str(tmp_path / "small.png"))
     assert done.returncode == 0, done.stderr
-    assert "predicted 2 image(s)" in done.stderr
+    assert "predicted 2 image(s)" in done.stderr and "(fp32)" in done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].endswith("big.jpg") and lines[4].endswith("small.png")
     # 3 classes -> 3 lines per image, each name once, the eager model's ranking and probabilities
@@ -118,6 +124,107 @@ def test_predict_prints_top_classes_and_names_a_corrupt_file(exported, tmp_path)
     assert done.returncode == 2
     assert "small.png" in done.stdout                  # the good image is still predicted
     assert "broken.jpg" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(_has_gpu(), reason="checks the CPU's answer to fp16")
+def test_predict_takes_a_precision_and_refuses_fp16_on_the_cpu(exported, tmp_path):
+    tmp, _ = exported
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    done = _run(PREDICT, "--model", str(tmp / "out"), "--precision", "fp16", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "fp16 needs a GPU" in done.stderr and "--precision fp32" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    done = _run(PREDICT, "--model", str(tmp / "out"), "--precision", "int3", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and "fp32" in done.stderr and "fp16" in done.stderr
+
+
+def _summary_flag(config, name):
+    """A boolean row of ``Config.summary()``."""
+    for line in config.summary().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] == name:
+            return cells[1] == "true"
+    raise AssertionError(f"no {name} in the summary")
+
+
+def test_the_gpu_predictor_is_configured_with_memory_optimisation(exported):
+    from passl.export import load_exported, model_files, predictor_config
+    tmp, _ = exported
+    graph, params = model_files(str(tmp / "out" / "inference"))
+    assert _summary_flag(predictor_config(graph, params, "gpu:0", "fp16"), "memory_optim")
+    assert not _summary_flag(predictor_config(graph, params, "cpu", memory_optim=False), "memory_optim")
+    layer, info = load_exported(str(tmp / "out"), device="cpu")
+    assert not layer.memory_optim and layer.precision == "fp32" and info["traced_on"] == "cpu"
+
+
+def test_a_refused_memory_optimisation_falls_back_with_a_warning(exported, monkeypatch):
+    """Where Paddle's predictor refuses memory optimisation for a graph, the model still runs, and says so."""
+    import paddle
+
+    import passl.export as export
+    tmp, model = exported
+    monkeypatch.setattr(export, "resolve_device", lambda device: ("gpu", "gpu:0"))
+    made = []
+
+    def config(graph, params, device, precision, threads, memory_optim):
+        made.append(memory_optim)
+        return predictor_config_cpu(graph, params, "cpu", "fp32", threads, memory_optim)
+    predictor_config_cpu = export.predictor_config
+    monkeypatch.setattr(export, "predictor_config", config)
+    create = paddle.inference.create_predictor
+
+    def refusing(cfg):
+        if made[-1]:
+            raise ValueError("(InvalidArgument) Not find predictor_id 0 and pass_name memory_optimize_pass")
+        return create(cfg)
+    monkeypatch.setattr(paddle.inference, "create_predictor", refusing)
+    with pytest.warns(UserWarning, match="refused memory optimisation.*memory_optimize_pass"):
+        layer = export.InferenceModel(str(tmp / "out" / "inference"))
+    assert made == [True, False] and not layer.memory_optim
+    model.eval()
+    images = paddle.randn([2, 3, 32, 32])
+    np.testing.assert_allclose(layer(images.numpy()), model(images).numpy(), atol=1e-5, rtol=0)
+
+
+def test_a_gpu_export_is_refused_on_the_cpu(exported, tmp_path):
+    import shutil
+
+    from passl.errors import ConfigError
+    from passl.export import load_exported
+    tmp, _ = exported
+    shutil.copytree(tmp / "out", tmp_path / "gpu")
+    info = json.loads((tmp_path / "gpu" / "preprocess.json").read_text())
+    (tmp_path / "gpu" / "preprocess.json").write_text(json.dumps({**info, "traced_on": "gpu"}))
+    with pytest.raises(ConfigError, match="exported for the GPU.*--device cpu"):
+        load_exported(str(tmp_path / "gpu"), device="cpu")
+    del info["traced_on"]                       # a folder from before traced_on: traced on the CPU
+    (tmp_path / "gpu" / "preprocess.json").write_text(json.dumps(info))
+    assert load_exported(str(tmp_path / "gpu"), device="cpu")[0].device == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_gpu_export_and_predictor_match_eager(exported, tmp_path, precision):
+    """Traced on the GPU (fused attention kernels in the graph), run by the GPU predictor in fp32 and fp16."""
+    import paddle
+
+    from passl.config import load_config
+    from passl.export import export_model, load_exported
+    tmp, model = exported
+    cfg = load_config(str(tmp / "tiny.yaml"))
+    previous = paddle.get_device()
+    try:
+        export_model(cfg, str(tmp / "w.pdparams"), str(tmp_path / "out"), device="gpu")
+    finally:
+        paddle.set_device(previous)
+    layer, info = load_exported(str(tmp_path / "out"), device="gpu", precision=precision)
+    assert info["traced_on"] == "gpu" and layer.memory_optim and layer.device.startswith("gpu")
+    model.eval()
+    images = paddle.randn([4, 3, 32, 32])
+    want = model.to("cpu")(images.cpu()).numpy()
+    got = layer(images.numpy())
+    assert got.dtype == np.float32
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    np.testing.assert_allclose(got, want, atol=tolerance * max(1.0, float(np.abs(want).max())), rtol=0)
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
@@ -141,11 +248,6 @@ def test_a_bad_device_is_a_clear_error(exported, tmp_path):
     done = _run(PREDICT, "--model", str(tmp / "out"), "--device", "tpu", str(tmp_path / "x.png"))
     assert done.returncode == 2 and "'tpu'" in done.stderr and "gpu:N" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-def _has_gpu():
-    from passl.utils.distributed import cuda_available
-    return cuda_available()
 
 
 @pytest.mark.skipif(_has_gpu(), reason="asks for a GPU where none is visible")
