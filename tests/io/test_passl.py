@@ -89,7 +89,11 @@ def test_evaluate_and_convert_a_lvvit_tiny_passl_checkpoint(tmp_path, capsys):
                                          grid=14)
     path = write_passl_checkpoint(tmp_path / "epoch_300.pd", torch_weights)
     val = make_image_folder(tmp_path / "val", classes=2, per_class=1, size=64)
-    overrides = ["-o", f"data.val.dataset.root={val}", "-o", "data.val.num_workers=0",
+    # the weights record no class names: name the 1000 training classes (two of them have val images)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("".join(f"class_{c}\n" for c in range(1000)))
+    overrides = ["-o", f"data.val.dataset.root={val}", "-o", f"data.val.dataset.class_names={classes}",
+                 "-o", "data.val.num_workers=0",
                  "-o", f"output_dir={tmp_path / 'out'}", "-o", "device=cpu"]
     config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lvvit", "lvvit_tiny.yaml")
     assert train(["-c", config, "--load", path, "--evaluate-only"] + overrides) == 0
