@@ -109,7 +109,7 @@ def train_one_epoch(run):
     run.model.train()
     with EpochReport(run.log, run.metrics, run.session.main, progress.epoch, run.cfg["epochs"],
                      run.steps_per_epoch, run.global_batch, start_step=progress.batch // accum) as report:
-        # iterated to its end when possible: a DataLoader left mid-way keeps its worker processes
+        # a pass left early (break, error, signal) shuts its loader workers down: passl/data/loader.py
         for batch_index, batch in report.timed(enumerate(run.train_loader, start=progress.batch)):
             if batch_index >= n_batches:   # leftover micro-batches would spill into the next epoch
                 break

@@ -127,7 +127,8 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_killed_run_leaves_
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     try:
         deadline = time.time() + 120
-        while f"pid {long_run.pid} " not in (run["out"] / ".lock").read_text():   # it holds the folder
+        lock = run["out"] / ".lock"              # made by the run once it starts, removed by a clean release
+        while f"pid {long_run.pid} " not in (lock.read_text() if lock.exists() else ""):   # it holds the folder
             assert time.time() < deadline and long_run.poll() is None
             time.sleep(0.2)
         for extra in ([], ["--resume", "-o", "epochs=300"], ["--overwrite"]):
