@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import paddle
 
 from passl.utils import distributed as du
@@ -102,31 +103,37 @@ class MetricsWriter:
 
 class DeviceMeter:
     """Sums named scalar tensors on the device; ``means()`` reduces them over the processes, syncs
-    once and resets."""
+    once and resets. A micro-batch whose ``loss`` is not finite (a step the loss scaler skips) is left
+    out of every mean, so one skipped step does not turn the logged losses into nan."""
 
     def __init__(self):
-        self.sums, self.count = {}, 0
+        self.sums, self.count = {}, None
 
     def add(self, values):
         """``values``: {name: 0-d tensor}. No host synchronisation."""
+        values = {key: value.detach().astype("float32").reshape([]) for key, value in values.items()}
+        kept = paddle.isfinite(values["loss"] if "loss" in values else paddle.stack(list(values.values())).sum())
+        zero = paddle.zeros([], "float32")
         for key, value in values.items():
-            value = value.detach().astype("float32").reshape([])
+            value = paddle.where(kept, value, zero)
             self.sums[key] = value if key not in self.sums else self.sums[key] + value
-        self.count += 1
+        kept = kept.astype("float32")
+        self.count = kept if self.count is None else self.count + kept
 
     def means(self, reset=True):
-        """{name: float} averaged over the additions of every process since the last reset: one
+        """{name: float} averaged over the kept additions of every process since the last reset: one
         all-reduce (a collective: every process calls it at the same point, with the same names) and
         one device->host copy. Each addition is a micro-batch's mean and every process's micro-batches
-        are equally large, so this is the mean over all processes' samples."""
-        if not self.count:
+        are equally large, so this is the mean over all processes' samples (nan if none was kept)."""
+        if self.count is None:
             return {}
         keys = list(self.sums)
-        totals = paddle.stack([self.sums[k] for k in keys] + [paddle.full([], self.count, "float32")])
+        totals = paddle.stack([self.sums[k] for k in keys] + [self.count])
         host = du.all_reduce(totals, "sum").numpy()
-        out = {k: float(v) for k, v in zip(keys, host[:-1] / host[-1])}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = {k: float(v) for k, v in zip(keys, host[:-1] / host[-1])}
         if reset:
-            self.sums, self.count = {}, 0
+            self.sums, self.count = {}, None
         return out
 
 

@@ -2,6 +2,7 @@
 interval, data wait, throughput, eta), and the list of skipped images."""
 import logging
 
+import numpy as np
 import paddle
 import pytest
 
@@ -32,6 +33,17 @@ def test_device_meter_means_and_resets():
         meter.add({"loss": paddle.to_tensor(value), "half": paddle.to_tensor(value / 2, dtype="float16")})
     assert meter.means() == pytest.approx({"loss": 3.0, "half": 1.5})
     assert meter.means() == {}
+
+
+def test_device_meter_leaves_out_micro_batches_whose_loss_is_not_finite():
+    """A step the loss scaler skipped (non-finite loss) does not turn the logged means into nan."""
+    meter = DeviceMeter()
+    for loss, part in ((1.0, 0.5), (float("nan"), 0.25), (3.0, 1.5), (float("inf"), 2.0)):
+        meter.add({"loss": paddle.to_tensor(loss), "loss_cls": paddle.to_tensor(part)})
+    assert meter.means() == pytest.approx({"loss": 2.0, "loss_cls": 1.0})
+    meter.add({"loss": paddle.to_tensor(float("nan")), "loss_cls": paddle.to_tensor(1.0)})
+    means = meter.means()                      # nothing finite to average: said as nan, not as 0
+    assert np.isnan(means["loss"]) and np.isnan(means["loss_cls"])
 
 
 class Clock:
