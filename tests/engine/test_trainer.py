@@ -323,3 +323,30 @@ def test_under_a_loss_scaler_consecutive_non_finite_steps_stop_the_run(tmp_path,
     assert _run(tiny_config(tmp_path, train_root, val_root, epochs=3, amp={"max_nonfinite_steps": 2})) == 1
     assert "NaN or infinite in 2 consecutive steps up to global step 5" in capsys.readouterr().out
     assert load_file(str(out / "latest.pdckpt"))["global_step"] == 3      # the last good checkpoint, kept
+
+
+HAS_GPU = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="float16 and bfloat16 training steps run only on a CUDA device")
+@pytest.mark.parametrize("level", ["O1", "O2"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mixed_precision_training_on_a_gpu_trains_checkpoints_float32_and_resumes(tmp_path, image_data, level, dtype):
+    """The whole GPU path with the BatchNorm stem: 2 epochs under AMP, finite losses, a float32 checkpoint,
+    and a resume for a third epoch at the same level."""
+    if dtype == "bfloat16" and not paddle.amp.is_bfloat16_supported():
+        pytest.skip("this GPU has no bfloat16 (compute capability 8.0 or newer)")
+    train_root, val_root = image_data
+    amp = {"enable": True, "level": level, "dtype": dtype}
+    out = tmp_path / "out"
+    assert _run(tiny_config(tmp_path, train_root, val_root, device="gpu", model__stem="pe4_2", amp=amp)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all(np.isfinite(r["train_loss"]) for r in records)
+    latest = load_file(str(out / "latest.pdckpt"))
+    assert all(str(v.dtype) in ("paddle.float32", "float32") for k, v in latest["model"].items()
+               if "_mean" not in k and "_variance" not in k)
+    again = tiny_config(tmp_path, train_root, val_root, device="gpu", model__stem="pe4_2", amp=amp, epochs=3)
+    assert _run(again, resume="auto") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and np.isfinite(records[-1]["train_loss"])
