@@ -7,7 +7,7 @@ import os
 import numpy as np
 import paddle
 import pytest
-from engine_helpers import tiny_config
+from engine_helpers import child_processes, tiny_config
 
 from passl.config import load_config
 from passl.data.loader import Loader
@@ -130,20 +130,6 @@ def test_stand_ins_for_bad_images_are_recorded_when_the_pass_ends(tmp_path, imag
     assert len(reads.outside) == 1                        # one read, when the pass ended
 
 
-def _child_processes():
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
-                children.add(int(entry))
-    return children
-
-
 class _Items(paddle.io.Dataset):
     def __len__(self):
         return 64
@@ -159,7 +145,7 @@ def _stack(items):
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts processes through /proc")
 @pytest.mark.parametrize("how", ["break", "error", "close"])
 def test_workers_stop_when_a_pass_is_left_early(how):
-    before = _child_processes()
+    before = child_processes()
     loader = Loader(_Items(), 2, _stack, num_workers=2)
     loader.set_epoch(0)
     running = []
@@ -167,7 +153,7 @@ def test_workers_stop_when_a_pass_is_left_early(how):
     def leave_early():
         batches = iter(loader)
         for index, _ in enumerate(batches):
-            running.append(_child_processes() - before)
+            running.append(child_processes() - before)
             if index == 1:
                 if how == "error":
                     raise RuntimeError("a failing step")
@@ -183,4 +169,4 @@ def test_workers_stop_when_a_pass_is_left_early(how):
     else:
         held = leave_early()
     assert all(len(workers) == 2 for workers in running)
-    assert _child_processes() - before == set()
+    assert child_processes() - before == set()

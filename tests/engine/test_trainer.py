@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import paddle
 import pytest
-from engine_helpers import tiny_config
+from engine_helpers import child_processes, tiny_config
 
 import passl
 from passl.config import load_config
@@ -220,28 +220,14 @@ def test_skipped_bad_images_are_counted_and_listed(tmp_path, image_data, caplog)
                              data__train__num_workers=workers))
 
 
-def _child_processes():
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == os.getpid():
-                children.add(int(entry))
-    return children
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts processes through /proc")
 def test_loader_workers_do_not_outlive_their_epoch(tmp_path, image_data):
     train_root, val_root = image_data
-    before = _child_processes()
+    before = child_processes()
     code = _run(tiny_config(tmp_path, train_root, val_root, epochs=2, data__train__num_workers=2,
                             data__val__num_workers=2))
     assert code == 0
-    assert _child_processes() - before == set()
+    assert child_processes() - before == set()
 
 
 def test_a_mid_epoch_resume_on_another_training_set_is_refused(tmp_path, image_data, monkeypatch):
