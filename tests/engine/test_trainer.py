@@ -85,20 +85,7 @@ def test_resume_is_exact(tmp_path, image_data, monkeypatch, stop_at_step):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_data, monkeypatch, capsys):
     train_root, val_root = image_data
-    build_loss = passl.build_loss
-
-    def build_loss_with_nan(cfg):
-        real, calls = build_loss(cfg), [0]
-
-        def loss_fn(outputs, batch):
-            out = real(outputs, batch)
-            calls[0] += 1
-            if calls[0] == 5:                       # global step 4: epoch 2, second batch
-                out["loss"] = out["loss"] * float("nan")
-            return out
-        return loss_fn
-
-    monkeypatch.setattr(passl, "build_loss", build_loss_with_nan)
+    _nan_at({5}, monkeypatch)                        # global step 4: epoch 2, second batch
     out = tmp_path / "out"
     code = _run(tiny_config(tmp_path, train_root, val_root, epochs=3))
     assert code == 1
