@@ -349,9 +349,13 @@ class PackedLabelStore(LabelStore):
     def _shape(self, key):
         return self._stored_shape
 
+    def _map(self):
+        return np.load(self._data_path, mmap_mode="r", allow_pickle=False)
+
     def _open(self):
+        """The file mapped for reading samples, kept open (each worker maps it itself)."""
         if self._array is None:
-            self._array = np.load(self._data_path, mmap_mode="r", allow_pickle=False)
+            self._array = self._map()
         return self._array
 
     def _read(self, key):
@@ -370,7 +374,7 @@ class PackedLabelStore(LabelStore):
         """Every present map has the row size and the store's signature time: rewriting labels.npy or
         index.json re-checks all of them."""
         rows = self.rows(keys)
-        row_bytes = int(np.prod(self._stored_shape)) * self._open().dtype.itemsize
+        row_bytes = int(np.prod(self._stored_shape)) * self._map().dtype.itemsize
         present = rows >= 0
         return np.where(present, row_bytes, -1), np.where(present, self.signature()[1], -1)
 
@@ -381,7 +385,9 @@ class PackedLabelStore(LabelStore):
             self._check_shape(self._stored_shape, keys[0], images[0] if images is not None else None)
         order = np.argsort(rows)
         top = np.zeros(len(keys), np.int32)
-        top[order] = check_content(np.asarray(self._open()[rows[order]]),
+        # a map of its own, unmapped on return: the start-up check reads the whole file, and a map kept
+        # open would keep every page it read in this process's RSS (6 GB for ImageNet's maps)
+        top[order] = check_content(np.asarray(self._map()[rows[order]]),
                                    lambda j: (self.path(keys[order[j]]),
                                               images[order[j]] if images is not None else None))
         return top

@@ -143,6 +143,26 @@ def test_packed_store_is_checked_once_and_again_when_its_file_changes(tmp_path):
         build(images, packed, name="packed")
 
 
+def mapped_files():
+    with open("/proc/self/maps") as f:
+        return {line.split(maxsplit=5)[5].strip() for line in f if len(line.split(maxsplit=5)) == 6}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_packed_check_leaves_the_file_unmapped(tmp_path):
+    # the check reads every row once; a map left open would keep all it read in the process's RSS
+    from passl.data.label_maps import pack_label_maps
+    images, labels = make_tree(str(tmp_path))
+    packed = str(tmp_path / "packed")
+    pack_label_maps(LABEL_STORES.build({"name": "npy", "root": labels}), packed, progress=False)
+    data_file = os.path.realpath(os.path.join(packed, "labels.npy"))
+    dataset = build(images, packed, name="packed")
+    assert dataset.label_check.maps_read == 4
+    assert data_file not in mapped_files()
+    dataset[0]                                   # reading samples maps it (and keeps it, for speed)
+    assert data_file in mapped_files()
+
+
 def test_class_range_follows_num_classes_from_the_index(tmp_path):
     images, labels = make_tree(str(tmp_path))
     build(images, labels, num_classes=10)
