@@ -88,6 +88,17 @@ def test_bench_data_tiny(tmp_path):
     assert result["bytes_per_sample"] == pytest.approx(sum(by_key.values()))
 
 
+def test_bench_decode_tiny(tmp_path):
+    result = run_script("bench_decode.py", "--num-images", "3", "--passes", "1", "--target", "250", tmp_path=tmp_path)
+    assert result["benchmark"] == "decode" and result["num_images"] == 3 and result["budget_ms_per_sample"] == 4.0
+    rows = result["decoders"]
+    assert {"passl", "pil", "opencv_1/8"} <= set(rows)
+    for row in rows.values():
+        assert positive(row["cpu_ms_per_image"]) and row["budget_share"] == pytest.approx(row["cpu_ms_per_image"] / 4)
+    # the pipeline's decoder gives PIL's pixels; the 1/8-scale row is not compared (another size)
+    assert rows["passl"]["max_abs_diff_vs_pil"] == 0 and "max_abs_diff_vs_pil" not in rows["opencv_1/8"]
+
+
 def test_bench_cpu_fast_tiny(tmp_path):
     result = run_script("bench_cpu_fast.py", *TINY_MODEL, "--batch-size", "2", "--rounds", "2", "--repeats", "1",
                         tmp_path=tmp_path)
