@@ -1,8 +1,11 @@
 """Test-wide setup: the process set-up of every entry point before paddle is imported, then the CPU
 runtime settings a CPU run of tools/train.py makes (kernel flags, malloc, the CPU fast paths), so the
-tests run the code a CPU training run runs. Fixture: ``repo_root``."""
+tests run the code a CPU training run runs. Fixtures: ``repo_root``; every test runs with SIGINT
+handled as in a terminal (``terminal_sigint``)."""
 import os
+import signal
 import sys
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -21,6 +24,21 @@ import pytest  # noqa: E402
 @pytest.fixture
 def repo_root():
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def terminal_sigint():
+    """Ctrl-C raises KeyboardInterrupt in the test process and in the processes it starts, as in a
+    terminal, also when the suite was started in the background by a shell without job control, which
+    starts it with SIGINT ignored (and the runs would then keep ignoring it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -226,18 +226,23 @@ def nonfinite_message(step, epoch, output_dir, consecutive=1):
 @contextlib.contextmanager
 def stop_on_signals(flags, log):
     """Within the block, SIGINT and SIGTERM call ``flags.request_stop()`` (the loop then saves and
-    returns); a second Ctrl-C aborts at once. The previous handlers come back afterwards."""
+    returns); a second Ctrl-C aborts at once. The previous handlers come back afterwards. A signal the
+    process was started with ignored stays ignored, as Python leaves it: a shell script's ``train.py &``
+    ignores SIGINT, so that a Ctrl-C meant for the script does not stop the run."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    again = "press Ctrl-C again" if previous[signal.SIGINT] is not signal.SIG_IGN else "send the signal again"
+
     def handler(signum, frame):
         if flags.stop_requested:   # second Ctrl-C: give up at once
             raise KeyboardInterrupt
         flags.request_stop()
         log.warning(f"signal {signum}: stopping after this step and saving a resumable checkpoint "
-                    "(press Ctrl-C again to abort without saving)")
+                    f"({again} to abort without saving)")
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for s in previous:
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            if old is not signal.SIG_IGN:
+                signal.signal(s, handler)
     except ValueError:   # not the main thread: no handlers
         pass
     try:

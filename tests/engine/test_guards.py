@@ -154,6 +154,21 @@ def test_signals_request_a_stop_then_abort_and_handlers_come_back():
     assert {s: signal.getsignal(s) for s in previous} == previous
 
 
+def test_a_signal_ignored_at_start_stays_ignored(caplog):
+    # a shell script's `python tools/train.py &` starts the run with SIGINT ignored
+    flags, log = RunFlags(), logging.getLogger("test_guards")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)          # terminal_sigint puts the handler back
+    with caplog.at_level(logging.WARNING, logger="test_guards"), stop_on_signals(flags, log):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert not flags.stop_requested
+        os.kill(os.getpid(), signal.SIGTERM)               # a scheduler's stop still saves and stops
+        assert flags.stop_requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)           # and a second one aborts
+    assert "send the signal again to abort" in caplog.text and "Ctrl-C" not in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_nonfinite_message_names_the_step_and_the_last_good_checkpoint(tmp_path):
     assert "global step 4 (epoch 2)" in nonfinite_message(4, 1, str(tmp_path))
     assert "Last good checkpoint: none yet" in nonfinite_message(4, 1, str(tmp_path))

@@ -47,6 +47,7 @@ def _assert_same_state(a, b):
 def test_resume_is_exact(tmp_path, image_data, monkeypatch, stop_at_step):
     """2 epochs straight == stop (SIGINT) at a step, resume from latest, finish: identical weights."""
     train_root, val_root = image_data
+    handler_before = signal.getsignal(signal.SIGINT)
     straight_dir, split_dir = tmp_path / "a", tmp_path / "b"
     straight_dir.mkdir()
     split_dir.mkdir()
@@ -70,7 +71,7 @@ def test_resume_is_exact(tmp_path, image_data, monkeypatch, stop_at_step):
     stopped = load_file(str(split_dir / "out" / "latest.pdckpt"))
     assert stopped["global_step"] == stop_at_step
     assert (stopped["epoch"], stopped["batch"]) == ((1, 0) if stop_at_step == 3 else (1, 1))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before                # handlers restored
     code = _run(cfg_path, resume="auto")
     assert code == 0
     _assert_same_state(expected, load_file(str(split_dir / "out" / "latest.pdckpt")))
