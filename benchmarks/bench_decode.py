@@ -95,7 +95,6 @@ def time_decoder(decode, datas, passes):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     import bench_data
-    from passl.utils.cpu_threads import cpu_model
     from tqdm import tqdm
 
     root = args.data_dir or tempfile.mkdtemp(prefix="passl_bench_decode_")
@@ -126,7 +125,7 @@ def main(argv=None):
               "mean_jpeg_kb": sum(map(len, datas)) / len(datas) / 1024,
               "mean_megapixels": float(np.mean([ref.shape[0] * ref.shape[1] for ref in reference])) / 1e6,
               "target_samples_per_s": args.target, "budget_ms_per_sample": budget_ms,
-              "decoders": rows, "env": dict(_common.environment("cpu"), cpu_model=cpu_model())}
+              "decoders": rows, "env": _common.environment("cpu")}
     best = min((r["cpu_ms_per_image"], n) for n, r in rows.items() if "max_abs_diff_vs_pil" in r)
     print(f"decode: {rows['passl']['cpu_ms_per_image']:.2f} ms per image "
           f"({100 * rows['passl']['budget_share']:.0f}% of the {budget_ms:.2f} ms a worker has per sample at "
