@@ -20,6 +20,8 @@ from passl.models.volo import VOLO, ClassAttention, ClassBlock, OutlookAttention
 from passl.registry import MODELS
 from passl.io import save_pth
 
+from model_helpers import small_mix_box_seed
+
 # ---------------------------------------------------------------------------------------------
 # numpy reference (float64)
 
@@ -326,11 +328,7 @@ def test_mixtoken_partner_is_the_reversed_batch():
     model = tiny(img_size=64)
     model.train()
     x = images(4, size=64)
-    for seed in range(40):
-        paddle.seed(seed)
-        box = model(x).mix_box.numpy()
-        if 0 < (box[2] - box[0]) * (box[3] - box[1]) < 16:
-            break
+    seed = small_mix_box_seed(model, x)
     paddle.seed(seed)
     first = model(x)
     paddle.seed(seed)
