@@ -171,6 +171,28 @@ def test_corrupt_map_files_name_the_file(tmp_path):
         build_dataset(dataset_cfg(images, str(tmp_path / "pth"), name="pth"), "train", 10, (2, 2))
 
 
+def test_packed_store_damaged_after_the_build_names_the_file(tmp_path):
+    from passl.data.label_maps import pack_label_maps
+    images, labels = str(tmp_path / "img"), str(tmp_path / "lab")
+    make_image_folder(images, ["a/x.png", "a/y.png"])
+    write_tree(labels, {"a/x": np.ones((2, 3, 4, 4), np.float16), "a/y": np.ones((2, 3, 4, 4), np.float16)}, "npy")
+    packed = str(tmp_path / "packed")
+    pack_label_maps(LABEL_STORES.build({"name": "npy", "root": labels}), packed, progress=False)
+    dataset = build_dataset(dataset_cfg(images, packed, name="packed"), "train", 10, (2, 2))
+    dataset[1]
+    data_file = os.path.join(packed, "labels.npy")
+    with open(data_file, "r+b") as f:             # cut inside the last row (a/y)
+        f.truncate(os.path.getsize(data_file) - 10)
+    dataset[0]
+    with pytest.raises(DataError, match=r"labels\.npy is truncated: row 1 \(a/y\)"):
+        dataset[1]
+    # a file rewritten with rows of another shape than the index records
+    np.save(data_file, np.ones((2, 2, 3, 5, 5), np.float16))
+    fresh = LABEL_STORES.build({"name": "packed", "root": packed})
+    with pytest.raises(DataError, match=r"labels\.npy holds array of shape \(2, 2, 3, 5, 5\).*rows of \[2, 3, 4, 4\]"):
+        fresh.load("a/x")
+
+
 def test_coverage_regions():
     assert coverage_region("full", 300, 200) == (0, 0, 300, 200)
     assert coverage_region("center_square", 300, 200) == (50, 0, 250, 200)
