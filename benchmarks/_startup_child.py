@@ -58,7 +58,8 @@ def children_of(pid):
 
 class _IndexPass:
     """Dataset over (index, seed) keys whose items read, for each sample, what TokenLabelDataset's
-    __getitem__ reads before decoding: the image path, the label, the map flag and the map's key."""
+    __getitem__ reads before decoding: the image path, the label, the map flag, the map's key and the
+    map itself (a packed store's reads are what could grow a worker's memory over an epoch)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -75,7 +76,10 @@ class _IndexPass:
         rel = source.samples[index][0]
         keys = getattr(dataset, "keys", None)   # earlier versions held a list of keys
         label_key(rel) if keys is None else keys[index]
-        return np.array([len(path), int(source.samples[index][1]), int(dataset.has_map[index])], np.int64)
+        has_map = bool(dataset.has_map[index])
+        if has_map:
+            dataset.load_label_map(index)
+        return np.array([len(path), int(source.samples[index][1]), int(has_map)], np.int64)
 
 
 def child(args):
@@ -120,7 +124,9 @@ def child(args):
 def memory_pass(dataset, args, paddle, np):
     """Every worker reads every sample it is dealt once (one epoch of the sampler, no decoding)."""
     from passl.data.loader import ResumableDistributedBatchSampler, SeededItems
-    sampler = ResumableDistributedBatchSampler(len(dataset), 1024, shuffle=True)
+    # batches of 1024 at ImageNet scale; at least 16 batches for a small tree, so that every worker
+    # has started before the first measurement and is still alive at the last one
+    sampler = ResumableDistributedBatchSampler(len(dataset), max(1, min(1024, len(dataset) // 16)), shuffle=True)
     loader = paddle.io.DataLoader(SeededItems(_IndexPass(dataset)), batch_sampler=sampler,
                                   num_workers=args.workers, collate_fn=lambda items: np.stack(items))
     earlier = set(children_of(os.getpid()))     # e.g. the first-batch loader's workers, still exiting

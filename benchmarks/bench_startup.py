@@ -12,7 +12,8 @@ lvvit_tiny recipe) with ``--workers`` loader workers:
 
 and reports seconds to dataset-ready (``build_dataset``: listing, the label-map check, the index)
 and to the first batch, and per process after one pass over the sampler's indices (each worker
-reading what ``__getitem__`` reads of every sample it is dealt, without decoding): RSS and USS
+reading what ``__getitem__`` reads of every sample it is dealt: path, label and label map, without
+decoding the image): RSS and USS
 (private memory, from /proc/PID/smaps_rollup) of the main process and of each worker.
 
 Cold: ``echo 3 > /proc/sys/vm/drop_caches`` when permitted; else every file of the trees is evicted
@@ -32,7 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402,F401  (puts the repository first on sys.path)
+import _common  # noqa: E402  (puts the repository first on sys.path)
 from passl.utils.runtime import configure_process  # noqa: E402
 
 configure_process()
@@ -168,9 +169,12 @@ def evict(root):
     return "posix_fadvise(DONTNEED) per file (directory entries and inodes stay cached)"
 
 
-def remove_indexes(root):
-    for sub in ("labels", "packed"):
-        shutil.rmtree(os.path.join(root, sub, ".passl_index"), ignore_errors=True)
+def remove_index(root, store):
+    """The label-map index of ``store`` (in its folder, or in the output_dir fallback), so that the next
+    start is a first one; the other store's index stays for its later starts."""
+    folder = {"npy": "labels", "packed": "packed"}.get(store)
+    if folder:
+        shutil.rmtree(os.path.join(root, folder, ".passl_index"), ignore_errors=True)
     shutil.rmtree(os.path.join(root, "out"), ignore_errors=True)
 
 
@@ -198,7 +202,7 @@ def main(argv=None):
     for store in stores:
         for start in [s.strip() for s in args.starts.split(",")]:
             if start.startswith("first"):
-                remove_indexes(args.root)
+                remove_index(args.root, store)
             method = evict(args.root) if start.endswith("cold") else None
             result = run_start(args, store, start, method)
             results.append(result)
@@ -208,11 +212,7 @@ def main(argv=None):
     from passl.utils.cpu_threads import cpu_model
     out = {"benchmark": "startup", "num_images": args.num_images, "root": args.root, "repo": args.repo,
            "workers": args.workers, "cpu": cpu_model(), "load_average": os.getloadavg()[0], "results": results}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text)
+    _common.emit(out, args.json_out)
     if args.remove:
         shutil.rmtree(args.root, ignore_errors=True)
     return 0
