@@ -12,7 +12,7 @@ Stores (registered in LABEL_STORES):
 - ``npy``:    ``root/<class_dir>/<stem>.npy`` per image, float16 or float32 (the Paddle community release)
 - ``pth``:    ``root/<class_dir>/<stem>.pth`` per image (the PyTorch release), read without torch and
   without running code from the file (passl.io.pth)
-- ``packed``: ``root/labels.npy`` [M, 2, K, H, W] memory-mapped + ``root/index.json`` (keys, coverage),
+- ``packed``: ``root/labels.npy`` [M, 2, K, H, W] (a row read per map) + ``root/index.json`` (keys, coverage),
   written by :func:`pack_label_maps` (``tools/convert_labels.py --to packed``), so a run opens one file,
   not 1.28 M.
 """
@@ -296,7 +296,7 @@ class PthLabelStore(LabelStore):
 
 @LABEL_STORES.register("packed")
 class PackedLabelStore(LabelStore):
-    """``root/labels.npy`` [M, 2, K, H, W] (memory-mapped) + ``root/index.json`` {keys, coverage}.
+    """``root/labels.npy`` [M, 2, K, H, W] (one ``pread`` per map) + ``root/index.json`` {keys, coverage}.
 
     ``coverage`` null takes the coverage recorded in the index; stating a different one is an error.
     """
