@@ -224,12 +224,16 @@ class TokenLabelModel(nn.Layer):
     on every patch token, a ``cls_token`` and a learned ``pos_embed``. A subclass sets ``img_size``,
     ``grid_size`` (the token grid), ``patch_embed``, ``aux_weight`` and the heads."""
 
-    def set_geometry(self, img_size, patch_size, num_classes, embed_dim, mix_token, return_dense, aux_weight):
+    def set_geometry(self, img_size, patch_size, num_classes, embed_dim, mix_token, return_dense, aux_weight,
+                     patch_note=None):
         """Check and keep what every part of the model reads: ``img_size`` (int or (h, w)) divisible by
-        ``patch_size``, the token grid and count, the class count, the width and the head flags."""
+        ``patch_size`` (the pixels per token side; ``patch_note`` says where that size comes from when it
+        is not the ``patch_size`` key), the token grid and count, the class count, the width and the head
+        flags."""
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_h % patch_size or img_w % patch_size:
-            raise ConfigError(f"model.img_size {img_size} must be divisible by patch_size {patch_size} "
+            raise ConfigError(f"model.img_size {img_size} must be divisible by "
+                              f"{patch_note or f'patch_size {patch_size}'} "
                               f"(e.g. {max(patch_size, img_h // patch_size * patch_size)})")
         if num_classes < 1:
             raise ConfigError(f"model.num_classes must be >= 1, got {num_classes}")

@@ -217,7 +217,6 @@ class VOLO(TokenLabelModel):
                  mix_token: bool = True, return_dense: bool = True, aux_weight: NonNegativeFloat = 0.5):
         super().__init__()
         layers, embed_dims, num_heads = list(layers), list(embed_dims), list(num_heads)
-        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         scale = PATCH_SIZE * POOLING_SCALE
         if not len(layers) == len(embed_dims) == len(num_heads) >= 2:
             raise ConfigError(f"model.layers {layers}, embed_dims {embed_dims} and num_heads {num_heads} need one "
@@ -228,19 +227,8 @@ class VOLO(TokenLabelModel):
         if min(layers) < 0 or post_layers < 1:
             raise ConfigError(f"model.layers {layers} must be >= 0 and post_layers {post_layers} >= 1 "
                               "(the class token is made by the class-attention blocks)")
-        if img_h % scale or img_w % scale:
-            raise ConfigError(f"model.img_size {img_size} must be divisible by {scale} (patch {PATCH_SIZE} x "
-                              f"downsampling {POOLING_SCALE}), e.g. {max(scale, img_h // scale * scale)}")
-        if num_classes < 1:
-            raise ConfigError(f"model.num_classes must be >= 1, got {num_classes}")
-        self.img_size = (img_h, img_w)
-        self.grid_size = (img_h // scale, img_w // scale)
-        self.num_tokens = self.grid_size[0] * self.grid_size[1]
-        self.num_classes = num_classes
-        self.embed_dim = embed_dims[-1]
-        self.mix_token = bool(mix_token)
-        self.return_dense = bool(return_dense)
-        self.aux_weight = float(aux_weight)
+        self.set_geometry(img_size, scale, num_classes, embed_dims[-1], mix_token, return_dense, aux_weight,
+                          patch_note=f"{scale} = patch {PATCH_SIZE} x downsampling {POOLING_SCALE}")
 
         self.patch_embed = VOLOStem(in_chans, embed_dims[0], stem_hidden_dim)
         self.pos_embed = self.create_parameter([1, *self.grid_size, self.embed_dim], default_initializer=_trunc_normal)
