@@ -350,9 +350,6 @@ class PackedLabelStore(LabelStore):
     def _shape(self, key):
         return self._stored_shape
 
-    def _map(self):
-        return np.load(self._data_path, mmap_mode="r", allow_pickle=False)
-
     def _rows_file(self):
         """(file descriptor, offset of row 0, dtype, bytes per row) of labels.npy, opened once per process."""
         if self._file is None:
@@ -397,7 +394,7 @@ class PackedLabelStore(LabelStore):
         """Every present map has the row size and the store's signature time: rewriting labels.npy or
         index.json re-checks all of them."""
         rows = self.rows(keys)
-        row_bytes = int(np.prod(self._stored_shape)) * self._map().dtype.itemsize
+        row_bytes = self._rows_file()[3]
         present = rows >= 0
         return np.where(present, row_bytes, -1), np.where(present, self.signature()[1], -1)
 
@@ -410,7 +407,8 @@ class PackedLabelStore(LabelStore):
         top = np.zeros(len(keys), np.int32)
         # a map of its own, unmapped on return: the start-up check reads the whole file, and a map kept
         # open would keep every page it read in this process's RSS (6 GB for ImageNet's maps)
-        top[order] = check_content(np.asarray(self._map()[rows[order]]),
+        mapped = np.load(self._data_path, mmap_mode="r", allow_pickle=False)
+        top[order] = check_content(np.asarray(mapped[rows[order]]),
                                    lambda j: (self.path(keys[order[j]]),
                                               images[order[j]] if images is not None else None))
         return top
