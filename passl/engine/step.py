@@ -80,9 +80,8 @@ class NormStatistics:
     (the statistics are small: the convolutional stem's channels)."""
 
     def __init__(self, model):
-        from paddle.nn.layer.norm import _BatchNormBase
-        self.tensors = [t for layer in model.sublayers(include_self=True) if isinstance(layer, _BatchNormBase)
-                        for t in (layer._mean, layer._variance)]
+        from passl.utils.distributed import batch_norm_layers
+        self.tensors = [t for layer in batch_norm_layers(model).values() for t in (layer._mean, layer._variance)]
 
     def save(self):
         return [t.clone() for t in self.tensors]

@@ -90,14 +90,21 @@ def gather_objects(obj):
 # ---------------------------------------------------------------------------------------------
 # BatchNorm across processes
 
-def _local_batch_norms(model):
-    """{structured name: layer} of the BatchNorm layers of ``model`` whose statistics are per process
-    (SyncBatchNorm computes them over all processes, so they are equal everywhere already)."""
+def batch_norm_layers(model):
+    """{structured name: layer} of every BatchNorm layer of ``model`` (BatchNorm1D/2D/3D, SyncBatchNorm
+    and the older ``paddle.nn.BatchNorm``), whose ``_mean`` and ``_variance`` are running statistics."""
     import paddle
     from paddle.nn.layer.norm import _BatchNormBase
-    return {name: layer for name, layer in model.named_sublayers()
-            if isinstance(layer, (_BatchNormBase, paddle.nn.BatchNorm))
-            and not isinstance(layer, paddle.nn.SyncBatchNorm)}
+    return {name: layer for name, layer in model.named_sublayers(include_self=True)
+            if isinstance(layer, (_BatchNormBase, paddle.nn.BatchNorm))}
+
+
+def _local_batch_norms(model):
+    """The BatchNorm layers of ``model`` whose statistics are per process (SyncBatchNorm computes them
+    over all processes, so they are equal everywhere already)."""
+    import paddle
+    return {name: layer for name, layer in batch_norm_layers(model).items()
+            if not isinstance(layer, paddle.nn.SyncBatchNorm)}
 
 
 def bn_statistics(model):
