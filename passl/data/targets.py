@@ -154,10 +154,7 @@ def build_token_targets(label_map, view, map_region, grid, num_classes, label=No
     elif label is not None:                     # the crop misses the map: the image label
         return _with_class_label(classes, token_logits, token_weight, int(label), num_classes)
     token_probs, token_bg = compact_softmax(token_logits, num_classes)
-    cls_probs, cls_bg = compact_softmax(cls_logits, num_classes)
-    return {"target_classes": classes.astype(np.int64), "token_probs": token_probs.astype(np.float32),
-            "token_bg": token_bg.astype(np.float32), "token_weight": token_weight,
-            "cls_probs": cls_probs.astype(np.float32), "cls_bg": np.asarray(cls_bg, np.float32)}
+    return _fields(classes, token_probs, token_bg, token_weight, *compact_softmax(cls_logits, num_classes))
 
 
 def _with_class_label(classes, token_logits, token_weight, label, num_classes):
@@ -167,16 +164,20 @@ def _with_class_label(classes, token_logits, token_weight, label, num_classes):
         classes = np.insert(classes, at, label)
         token_logits = np.insert(token_logits, at, 0.0, axis=1)
     token_probs, token_bg = compact_softmax(token_logits, num_classes)
-    return {"target_classes": classes.astype(np.int64), "token_probs": token_probs.astype(np.float32),
-            "token_bg": token_bg.astype(np.float32), "token_weight": token_weight,
-            "cls_probs": (classes == label).astype(np.float32), "cls_bg": np.asarray(0.0, np.float32)}
+    return _fields(classes, token_probs, token_bg, token_weight, classes == label, 0.0)
 
 
 def fallback_targets(label, num_tokens):
     """Targets of an image without a label map: its one-hot label for the class token and every token."""
-    return {"target_classes": np.array([label], np.int64), "token_probs": np.ones((num_tokens, 1), np.float32),
-            "token_bg": np.zeros(num_tokens, np.float32), "token_weight": np.ones(num_tokens, np.float32),
-            "cls_probs": np.ones(1, np.float32), "cls_bg": np.asarray(0.0, np.float32)}
+    return _fields(np.array([label]), np.ones((num_tokens, 1)), np.zeros(num_tokens), np.ones(num_tokens),
+                   np.ones(1), 0.0)
+
+
+def _fields(classes, token_probs, token_bg, token_weight, cls_probs, cls_bg):
+    """The compact target fields (TARGET_KEYS) in the dtypes the collate and the loss expect."""
+    return {"target_classes": np.asarray(classes, np.int64), "token_probs": np.asarray(token_probs, np.float32),
+            "token_bg": np.asarray(token_bg, np.float32), "token_weight": np.asarray(token_weight, np.float32),
+            "cls_probs": np.asarray(cls_probs, np.float32), "cls_bg": np.asarray(cls_bg, np.float32)}
 
 
 def expand_targets(fields, num_classes, smoothing=0.0):
