@@ -201,8 +201,9 @@ def _settle_bn_statistics(run, keep_per_rank=False):
     """
     ema_module = run.ema.module if run.ema is not None else None
     per_rank = None
-    if keep_per_rank and run.session.world_size > 1 and du.bn_statistics(run.raw_model):
-        own = {"model": {k: v.numpy() for k, v in du.bn_statistics(run.raw_model).items()},
+    model_stats = du.bn_statistics(run.raw_model) if keep_per_rank and run.session.world_size > 1 else {}
+    if model_stats:
+        own = {"model": {k: v.numpy() for k, v in model_stats.items()},
                "ema": {k: v.numpy() for k, v in du.bn_statistics(ema_module).items()} if ema_module else {}}
         per_rank = du.gather_objects(own)
     du.average_bn_statistics(run.raw_model, ema_module)
