@@ -353,9 +353,13 @@ class PackedLabelStore(LabelStore):
     def _rows_file(self):
         """(file descriptor, offset of row 0, dtype, bytes per row) of labels.npy, opened once per process."""
         if self._file is None:
-            with open(self._data_path, "rb") as f:
-                shape, fortran, dtype = _npy_header_of(f)
-                offset = f.tell()
+            try:
+                with open(self._data_path, "rb") as f:
+                    shape, fortran, dtype = _npy_header_of(f)
+                    offset = f.tell()
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read {self._data_path}: {e}; write the store again with "
+                                "tools/convert_labels.py") from None
             if fortran or tuple(shape[1:]) != self._stored_shape:
                 raise DataError(f"{self._data_path} holds {'a Fortran-ordered ' if fortran else ''}array of shape "
                                 f"{tuple(shape)}; {os.path.join(self.root, PACKED_INDEX)} says rows of "
@@ -405,6 +409,7 @@ class PackedLabelStore(LabelStore):
             self._check_shape(self._stored_shape, keys[0], images[0] if images is not None else None)
         order = np.argsort(rows)
         top = np.zeros(len(keys), np.int32)
+        self._rows_file()       # the header checked, and a bad file named, before numpy maps it
         # a map of its own, unmapped on return: the start-up check reads the whole file, and a map kept
         # open would keep every page it read in this process's RSS (6 GB for ImageNet's maps)
         mapped = np.load(self._data_path, mmap_mode="r", allow_pickle=False)

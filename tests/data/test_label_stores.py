@@ -191,6 +191,13 @@ def test_packed_store_damaged_after_the_build_names_the_file(tmp_path):
     fresh = LABEL_STORES.build({"name": "packed", "root": packed})
     with pytest.raises(DataError, match=r"labels\.npy holds array of shape \(2, 2, 3, 5, 5\).*rows of \[2, 3, 4, 4\]"):
         fresh.load("a/x")
+    # a file of Python objects (a pickle): refused unread, with its name, at start as when reading
+    np.save(data_file, np.array([{"a": 1}, {"b": 2}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"labels\.npy: it holds Python objects"):
+        build_dataset(dataset_cfg(images, packed, name="packed"), "train", 10, (2, 2))
+    for read in (lambda store: store.load("a/x"), lambda store: store.validate(["a/x"])):
+        with pytest.raises(DataError, match=r"labels\.npy.*Python objects"):
+            read(LABEL_STORES.build({"name": "packed", "root": packed}))
 
 
 def test_coverage_regions():
